@@ -1,0 +1,1 @@
+"""Compression transforms: pruning, distillation, quantization (built in later milestones)."""

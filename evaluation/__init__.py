@@ -1,0 +1,1 @@
+"""Evaluation: the shapes world and its judge, GenEval / ImgEdit-format benchmark folders."""

@@ -1,0 +1,1 @@
+"""Architectures, presets, codecs and text encoders (built in later milestones)."""

@@ -1,0 +1,32 @@
+from setuptools import setup
+
+# The top-level folders compress/, models/ and evaluation/ are installed as dreamlite.compress, dreamlite.models and
+# dreamlite.evaluation; find_packages would not add the prefix, so the packages are listed explicitly.
+PACKAGES = {
+    "dreamlite": "dreamlite",
+    "dreamlite.compress": "compress",
+    "dreamlite.models": "models",
+    "dreamlite.evaluation": "evaluation",
+    "dreamlite.evaluation.shapes": "evaluation/shapes",
+}
+
+setup(
+    name="dreamlite",
+    version="0.1.0",
+    description="Derive a DreamLite-class mobile diffusion model (generation + editing) from a server U-Net",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pillow>=10",
+        "click>=8.1",
+        "pydantic>=2.5",
+        "pyyaml>=6",
+        "rich>=13",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},
+)
