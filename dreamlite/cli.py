@@ -1,0 +1,170 @@
+"""The ``dreamlite`` command: parses, calls the library, prints. Bad input is one line on stderr and exit code 1."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .io import DreamliteError, staged_dir, write_json, write_jsonl
+
+console = Console(stderr=True)
+
+
+def track(iterable, total=None, description=""):
+    """Progress bar on stderr (rich); plain when not a terminal."""
+    columns = (TextColumn("      {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        yield from progress.track(iterable, total=total, description=description)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DreamliteError as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:  # library argument checks name the argument at fault
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="dreamlite")
+def main():
+    """dreamlite: derive a DreamLite-class mobile diffusion model from a server U-Net, and judge it."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default runs/<recipe name>).")
+@click.option("--restart", is_flag=True, help="Delete this run's stage folders and start over.")
+def run(recipe, out, restart):
+    """Run RECIPE (YAML) stage by stage; re-running resumes."""
+    from .recipe import load_recipe, run_recipe
+    out = Path(out) if out else Path("runs") / load_recipe(recipe).name
+    report = run_recipe(recipe, out, restart=restart, track=track, log=lambda m: console.print(m, highlight=False))
+    console.print(f"report: {out / 'report.md'} ({len(report['stages'])} stages)")
+
+
+@main.group(cls=Group)
+def world():
+    """The shapes world: benchmark sets and previews."""
+
+
+def _perturb_options(fn):
+    for name, kind, text in (("shift", float, "move each object by up to this many px"),
+                             ("jpeg", int, "JPEG quality (0 = none)"), ("blur", float, "Gaussian blur sigma, px"),
+                             ("noise", float, "Gaussian noise sigma, in 1/255")):
+        fn = click.option(f"--{name}", type=click.FloatRange(0) if kind is float else click.IntRange(0, 100),
+                          default=0, help=f"Perturb rendered images: {text}.")(fn)
+    return fn
+
+
+@world.command("gen-bench")
+@click.option("--n-per-tag", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--render", "render_", is_flag=True, help="Also draw ground-truth samples.")
+@click.option("--images-per-prompt", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--size", type=click.IntRange(32, 256), default=64, show_default=True)
+@_perturb_options
+def gen_bench(n_per_tag, seed, out, render_, images_per_prompt, size, noise, blur, jpeg, shift):
+    """Write a GenEval-format prompt folder (DIR/00000/metadata.jsonl ...)."""
+    from dreamlite.evaluation.geneval import write_gen_bench
+    from dreamlite.evaluation.shapes.perturb import Perturbation
+    with staged_dir(out) as work:
+        n = write_gen_bench(work, n_per_tag, seed, render_, images_per_prompt, size,
+                            Perturbation(noise, blur, jpeg, shift), track)
+    console.print(f"{n} prompts -> {out}")
+
+
+@world.command("edit-bench")
+@click.option("--n-per-type", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--render", "render_", is_flag=True, help="Also draw ground-truth targets (DIR/targets/<id>.png).")
+@click.option("--size", type=click.IntRange(32, 256), default=64, show_default=True)
+@_perturb_options
+def edit_bench(n_per_type, seed, out, render_, size, noise, blur, jpeg, shift):
+    """Write ImgEdit-style records (DIR/edits.jsonl) and source images."""
+    from dreamlite.evaluation.imgedit import write_edit_bench
+    from dreamlite.evaluation.shapes.perturb import Perturbation
+    if shift:
+        raise click.BadParameter("--shift applies to gen-bench only (an edit target's positions are the answer)")
+    with staged_dir(out) as work:
+        n = write_edit_bench(work, n_per_type, seed, render_, size, Perturbation(noise, blur, jpeg), track)
+    console.print(f"{n} edits -> {out}")
+
+
+@world.command()
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(32, 256), default=64, show_default=True)
+def preview(out, seed, size):
+    """Draw a labelled grid of scenes with captions and edit (source -> target) pairs."""
+    from dreamlite.evaluation.preview import preview as make
+    from .io import atomic_path
+    with atomic_path(out) as tmp:
+        make(seed, size).save(tmp, format="PNG")
+    console.print(f"preview -> {out}")
+
+
+@main.group(cls=Group)
+def judge():
+    """Score images with the shapes-world judge (GenEval / ImgEdit style)."""
+
+
+def _table(title: str, rows: dict, columns: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, values in rows.items():
+        table.add_row(name, *(f"{v:.3f}" for v in values))
+    return table
+
+
+def _write(results, summary, results_path, json_path):
+    if results_path:
+        write_jsonl(results_path, results)
+    if json_path:
+        write_json(json_path, summary)
+
+
+@judge.command("gen")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--results", type=click.Path(dir_okay=False), help="Per-image results (JSONL).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Summary (JSON).")
+def judge_gen_cmd(folder, results, json_path):
+    """Score FOLDER (GenEval layout) with GenEval's clause logic."""
+    from dreamlite.evaluation.geneval import judge_gen
+    rows, summary = judge_gen(folder, track)
+    _write(rows, summary, results, json_path)
+    per_tag = {t: [v] for t, v in summary["per_tag"].items()} | {"overall": [summary["overall"]]}
+    Console().print(_table(f"GenEval-style ({summary['images']} images)", per_tag, ["score"]))
+
+
+@judge.command("edit")
+@click.option("--edits", type=click.Path(dir_okay=False), required=True, help="edits.jsonl")
+@click.option("--images", type=click.Path(file_okay=False), required=True, help="Folder of <id>.png edited images.")
+@click.option("--results", type=click.Path(dir_okay=False), help="Per-record results (JSONL).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Summary (JSON).")
+def judge_edit_cmd(edits, images, results, json_path):
+    """Score edited images on compliance, seamlessness and preservation (1..5)."""
+    from dreamlite.evaluation.imgedit import judge_edit
+    from dreamlite.evaluation.shapes.edits import AXES
+    rows, summary = judge_edit(edits, images, track)
+    _write(rows, summary, results, json_path)
+    cols = ["overall", *AXES]
+    table = {t: [v[c] for c in cols] for t, v in summary["per_type"].items()}
+    table["overall"] = [summary["overall"]] + [sum(v[c] for v in summary["per_type"].values()) / len(summary["per_type"])
+                                               for c in AXES]
+    Console().print(_table(f"ImgEdit-style ({summary['images']} edits)", table, cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

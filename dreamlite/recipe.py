@@ -1,0 +1,217 @@
+"""Recipes: YAML validated by pydantic, run stage by stage into one folder each, with resume.
+
+``dreamlite run RECIPE --out DIR`` makes ``DIR/01-<name>/`` ... Each stage is built in ``NN-<name>.partial/`` and
+renamed when its ``metrics.json`` is written, so a finished stage is exactly a folder without the suffix. Re-running
+skips finished stages and continues an interrupted one in its .partial folder (stages checkpoint there).
+A stage's fingerprint (its config and those of the stages before it) is stored beside it; a finished stage whose
+recipe entry has since changed is an error rather than silently stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Callable, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from .io import DreamliteError, identity_track, read_json, write_json, write_text
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class StageConfig(BaseModel):
+    """Fields every stage has. Subclasses add ``kind: Literal[...]`` and their own fields; unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    seed: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v):
+        if v is not None and not _NAME.match(v):
+            raise ValueError("use lower-case letters, digits, '-' and '_' (it names the stage's folder)")
+        return v
+
+    def inputs(self) -> list[str]:
+        """Names of earlier stages this stage reads."""
+        return []
+
+
+@dataclass
+class StageContext:
+    dir: Path  # where the stage writes (its .partial folder while it runs)
+    seed: int
+    outputs: dict[str, Path]  # earlier stages' finished folders, by stage name
+    track: Callable = identity_track
+    log: Callable[[str], None] = lambda msg: None
+
+    def input(self, name: str) -> Path:
+        return self.outputs[name]
+
+
+_STAGES: dict[str, tuple[type[StageConfig], Callable[[StageConfig, StageContext], dict]]] = {}
+
+
+def stage(config: type[StageConfig]):
+    """Register ``fn(config, ctx) -> metrics`` as the runner of ``config``'s ``kind``."""
+    kind = config.model_fields["kind"].annotation.__args__[0]
+
+    def register(fn):
+        _STAGES[kind] = (config, fn)
+        return fn
+    return register
+
+
+def stage_kinds() -> list[str]:
+    _load_builtin_stages()
+    return sorted(_STAGES)
+
+
+def _load_builtin_stages() -> None:
+    from . import stages  # noqa: F401  (registers world, judge)
+
+
+def recipe_model() -> type[BaseModel]:
+    _load_builtin_stages()
+    configs = tuple(c for c, _ in _STAGES.values())
+    union = Annotated[Union[configs], Field(discriminator="kind")] if len(configs) > 1 else configs[0]
+    model = create_model("Recipe", __config__=ConfigDict(extra="forbid"), name=(str, ...), description=(str, ""),
+                         seed=(int, 0), stages=(list[union], Field(min_length=1)))
+    return model
+
+
+def _where(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in stage_kinds():
+            continue  # pydantic adds the union member's tag to the path; the user never wrote it
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "recipe"
+
+
+def parse_recipe(data: object, source: str = "recipe"):
+    try:
+        recipe = recipe_model().model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise DreamliteError(f"{source}: {_where(err['loc'])}: {err['msg']}{more}") from None
+    names = set()
+    for i, st in enumerate(recipe.stages):
+        for ref in st.inputs():
+            if ref not in names:
+                raise DreamliteError(f"{source}: stages[{i}].input: {ref!r} is not the name of an earlier stage")
+        name = stage_name(st)
+        if name in names:
+            raise DreamliteError(f"{source}: stages[{i}].name: duplicate stage name {name!r}")
+        names.add(name)
+    return recipe
+
+
+def load_recipe(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DreamliteError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise DreamliteError(f"{path}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    return parse_recipe(data, str(path))
+
+
+def stage_name(st: StageConfig) -> str:
+    return st.name or st.kind
+
+
+def _fingerprint(st: StageConfig, before: str) -> str:
+    blob = json.dumps({"before": before, "stage": st.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, log=print) -> dict:
+    """Run (or resume) every stage; write report.json and report.md at the run root. Returns the report."""
+    recipe = load_recipe(recipe_path)
+    out = Path(out)
+    if restart and out.exists():
+        for p in out.iterdir():
+            if re.match(r"^\d\d-", p.name) or p.name in ("report.json", "report.md"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Path] = {}
+    rows, before = [], ""
+    for i, st in enumerate(recipe.stages):
+        name = stage_name(st)
+        folder = out / f"{i + 1:02d}-{name}"
+        work = folder.with_name(folder.name + ".partial")
+        before = _fingerprint(st, before)
+        seed = st.seed if st.seed is not None else recipe.seed + i
+        if (folder / "metrics.json").is_file():
+            done = read_json(folder / "stage.json")
+            if done.get("fingerprint") != before:
+                raise DreamliteError(f"{folder}: finished with a different recipe (stage {name!r} or one before it "
+                                     f"changed); run with --restart or choose another --out")
+            log(f"[{i + 1}/{len(recipe.stages)}] {name}: done earlier, skipped")
+            rows.append(done | {"metrics": read_json(folder / "metrics.json")})
+            outputs[name] = folder
+            continue
+        log(f"[{i + 1}/{len(recipe.stages)}] {name} ({st.kind}){': resuming' if work.exists() else ''}")
+        work.mkdir(parents=True, exist_ok=True)
+        info = {"folder": folder.name, "kind": st.kind, "name": name, "fingerprint": before, "seed": seed,
+                "config": st.model_dump(mode="json")}
+        write_json(work / "stage.json", info)
+        _, fn = _STAGES[st.kind]
+        start = time.perf_counter()
+        metrics = fn(st, StageContext(work, seed, dict(outputs), track, log))
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(work / "stage.json", info)
+        write_json(work / "metrics.json", metrics)
+        os.replace(work, folder)
+        outputs[name] = folder
+        rows.append(info | {"metrics": metrics})
+        log(f"      {summary_line(metrics)}  ({info['seconds']} s)")
+    report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": str(recipe_path),
+              "seed": recipe.seed, "stages": rows}
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", report_markdown(report))
+    return report
+
+
+def summary_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items() if isinstance(v, (int, float, str)))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# {report['recipe']}", "", report["description"], "",
+             f"Recipe `{report['recipe_file']}`, seed {report['seed']}.", "",
+             "| stage | kind | seconds | summary |", "|---|---|---:|---|"]
+    for r in report["stages"]:
+        lines.append(f"| {r['folder']} | {r['kind']} | {r.get('seconds', '')} | {summary_line(r['metrics'])} |")
+    for r in report["stages"]:
+        tables = {k: v for k, v in r["metrics"].items() if isinstance(v, dict)}
+        for key, table in tables.items():
+            lines += ["", f"## {r['folder']}: {key}", ""]
+            first = next(iter(table.values()))
+            if isinstance(first, dict):
+                cols = list(first)
+                lines += ["| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+                lines += [f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for k, v in table.items()]
+            else:
+                lines += ["| | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""A labelled contact sheet of the shapes world: scenes with their captions, and edit triplets."""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .shapes import GEN_TAGS, render, sample_edit, sample_gen_prompt, scene_for
+from .shapes.world import EDIT_TYPES
+
+_FONT = ImageFont.load_default()
+
+
+def _cell(image: np.ndarray, caption: str, scale: int, width_chars: int) -> Image.Image:
+    tile = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    lines = textwrap.wrap(caption, width_chars)[:3]
+    cell = Image.new("RGB", (tile.width, tile.height + 12 * 3 + 4), "white")
+    cell.paste(tile, (0, 0))
+    draw = ImageDraw.Draw(cell)
+    for i, line in enumerate(lines):
+        draw.text((2, tile.height + 2 + 12 * i), line, fill="black", font=_FONT)
+    return cell
+
+
+def _grid(rows: list[list[Image.Image]], gap: int = 6) -> Image.Image:
+    w = max(sum(c.width for c in r) + gap * (len(r) - 1) for r in rows)
+    h = sum(max(c.height for c in r) for r in rows) + gap * (len(rows) - 1)
+    sheet = Image.new("RGB", (w, h), (230, 230, 230))
+    y = 0
+    for r in rows:
+        x = 0
+        for c in r:
+            sheet.paste(c, (x, y))
+            x += c.width + gap
+        y += max(c.height for c in r) + gap
+    return sheet
+
+
+def preview(seed: int = 0, size: int = 64, per_tag: int = 3, per_type: int = 1, scale: int = 2) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    chars = max(12, size * scale // 6)
+    rows = []
+    for tag in GEN_TAGS:
+        cells = []
+        for _ in range(per_tag):
+            p = sample_gen_prompt(rng, tag)
+            cells.append(_cell(render(scene_for(p, rng), size), f"[{tag}] {p.prompt}", scale, chars))
+        rows.append(cells)
+    for edit_type in EDIT_TYPES:
+        for _ in range(per_type):
+            rec = sample_edit(rng, edit_type)
+            rows.append([_cell(render(rec.source, size), f"source ({edit_type})", scale, chars),
+                         _cell(render(rec.target, size), f"-> {rec.prompt}", scale, chars)])
+    return _grid(rows)
