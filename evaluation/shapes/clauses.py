@@ -96,9 +96,9 @@ def validate_metadata(meta: object, where: str) -> dict:
     for part in ("include", "exclude"):
         clauses = meta.get(part, [])
         if not isinstance(clauses, list):
-            raise MetadataError(f"{where}.{part}: expected a list")
+            raise MetadataError(f"{where}: {part}: expected a list")
         for k, clause in enumerate(clauses):
-            at = f"{where}.{part}[{k}]"
+            at = f"{where}: {part}[{k}]"
             if not isinstance(clause, dict):
                 raise MetadataError(f"{at}: expected an object")
             if clause.get("class") not in SHAPES:

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from dreamlite.evaluation.shapes import EDIT_TYPES, GEN_TAGS, sample_edit, sample_gen_prompt, sample_t2i, scene_for
+from dreamlite.evaluation.shapes.match import diff
+from dreamlite.evaluation.shapes.spec import overlaps
+from dreamlite.evaluation.shapes.text import tokenize, vocabulary
+from dreamlite.evaluation.shapes.world import sample_edit_train
+
+
+def test_same_seed_same_world():
+    a = [sample_gen_prompt(np.random.default_rng(7), t) for t in GEN_TAGS]
+    b = [sample_gen_prompt(np.random.default_rng(7), t) for t in GEN_TAGS]
+    assert a == b
+    ra, rb = np.random.default_rng(3), np.random.default_rng(3)
+    assert [sample_edit(ra, t) for t in EDIT_TYPES] == [sample_edit(rb, t) for t in EDIT_TYPES]
+
+
+def test_geneval_prompts_and_metadata():
+    rng = np.random.default_rng(0)
+    p = sample_gen_prompt(rng, "counting")
+    meta = p.metadata()
+    assert meta["exclude"] == [{"class": p.objects[0][0], "count": p.count + 1}]
+    pos = sample_gen_prompt(rng, "position").metadata()
+    assert pos["include"][1]["position"][1] == 0 and pos["prompt"].startswith("a")
+    assert sample_gen_prompt(rng, "colors").prompt.split()[-1] in {"circle", "square", "triangle", "diamond", "star", "cross"}
+    with pytest.raises(ValueError, match="tag"):
+        sample_gen_prompt(rng, "counting_sheep")
+
+
+@pytest.mark.parametrize("tag", GEN_TAGS)
+def test_scenes_never_overlap_and_stay_on_canvas(tag, rng):
+    for _ in range(20):
+        scene = scene_for(sample_gen_prompt(rng, tag), rng)
+        objs = scene.objects
+        assert all(not overlaps(a, b) for i, a in enumerate(objs) for b in objs[i + 1:])
+        assert all(o.size / 2 <= o.cx <= 1 - o.size / 2 and o.size / 2 <= o.cy <= 1 - o.size / 2 for o in objs)
+
+
+@pytest.mark.parametrize("edit_type", EDIT_TYPES)
+def test_every_edit_changes_the_scene_as_named(edit_type, rng):
+    for _ in range(10):
+        rec = sample_edit(rng, edit_type)
+        d = diff(rec.source, rec.target)
+        assert rec.source != rec.target and d.n_changes >= (2 if edit_type == "compose" else 1)
+
+
+def test_every_caption_and_instruction_is_in_the_vocabulary(rng):
+    vocab = set(vocabulary())
+    texts = [sample_t2i(rng)[1] for _ in range(300)] + [sample_edit_train(rng).prompt for _ in range(300)]
+    assert set().union(*(tokenize(t) for t in texts)) <= vocab
+    assert len({t for t in texts}) > 200  # paraphrases, not one phrasing

@@ -1,0 +1,57 @@
+import pytest
+from click.testing import CliRunner
+
+from dreamlite.cli import main
+
+COMMANDS = [[], ["run"], ["world"], ["world", "gen-bench"], ["world", "edit-bench"], ["world", "preview"], ["judge"],
+            ["judge", "gen"], ["judge", "edit"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "dreamlite")
+def test_help(cmd):
+    result = CliRunner().invoke(main, [*cmd, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_bench_then_judge(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    r = runner.invoke(main, ["world", "gen-bench", "--n-per-tag", "2", "--seed", "1", "--out", str(out), "--render",
+                             "--images-per-prompt", "1", "--noise", "8"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["judge", "gen", str(out), "--json", str(tmp_path / "s.json"),
+                             "--results", str(tmp_path / "r.jsonl")])
+    assert r.exit_code == 0 and "position" in r.output and "1.000" in r.output
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 12
+    r = runner.invoke(main, ["world", "gen-bench", "--n-per-tag", "1", "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.output and not (tmp_path / "gen.partial").exists()
+
+
+def test_edit_bench_judge_and_preview(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "edit"
+    assert runner.invoke(main, ["world", "edit-bench", "--n-per-type", "1", "--out", str(out), "--render"]).exit_code == 0
+    r = runner.invoke(main, ["judge", "edit", "--edits", str(out / "edits.jsonl"), "--images", str(out / "targets")])
+    assert r.exit_code == 0 and "compose" in r.output
+    r = runner.invoke(main, ["world", "preview", "--out", str(tmp_path / "grid.png")])
+    assert r.exit_code == 0 and (tmp_path / "grid.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["judge", "gen", "nowhere"], "nowhere: not a folder"),
+    (["judge", "edit", "--edits", "missing.jsonl", "--images", "."], "missing.jsonl: file not found"),
+    (["run", "missing.yaml"], "missing.yaml: recipe not found"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_bad_recipe_via_cli(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nstages:\n  - kind: world\n    bench: gen\n    sparkle: 1\n")
+    r = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "stages[0].sparkle: Extra inputs are not permitted" in r.output
+    assert not (tmp_path / "run").exists()

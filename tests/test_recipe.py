@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreamlite.io import DreamliteError
+from dreamlite.recipe import load_recipe, run_recipe, stage_kinds
+
+from conftest import REPO
+
+TINY = {"name": "tiny", "seed": 3, "stages": [
+    {"kind": "world", "name": "gen", "bench": "gen", "n": 1, "images_per_prompt": 1},
+    {"kind": "judge", "name": "judge-gen", "input": "gen"},
+    {"kind": "world", "name": "edit", "bench": "edit", "n": 1},
+    {"kind": "judge", "name": "judge-edit", "input": "edit"},
+]}
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.stages and all(s.kind in stage_kinds() for s in recipe.stages)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["stages"][0].update(n_per_tag=3), r"stages\[0\]\.n_per_tag: Extra inputs are not permitted"),
+    (lambda d: d["stages"][0].update(n="many"), r"stages\[0\]\.n: Input should be a valid integer"),
+    (lambda d: d["stages"][1].update(kind="teleport"), r"stages\[1\]: Input tag 'teleport'"),
+    (lambda d: d["stages"][1].update(input="edit"), r"stages\[1\]\.input: 'edit' is not the name of an earlier stage"),
+    (lambda d: d.update(colour="red"), r"colour: Extra inputs are not permitted"),
+    (lambda d: d["stages"][2].update(name="gen"), r"stages\[2\]\.name: duplicate stage name 'gen'"),
+])
+def test_bad_recipes_name_the_field(tmp_path, change, message):
+    data = json.loads(json.dumps(TINY))
+    change(data)
+    with pytest.raises(DreamliteError, match=message):
+        load_recipe(write(tmp_path, data))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nstages:\n  - kind: world\n   bench: gen\n")
+    with pytest.raises(DreamliteError, match=rf"{path}:\d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_run_writes_stages_and_report_then_resumes(tmp_path):
+    recipe, out = write(tmp_path, TINY), tmp_path / "run"
+    report = run_recipe(recipe, out, log=lambda m: None)
+    assert [s["folder"] for s in report["stages"]] == ["01-gen", "02-judge-gen", "03-edit", "04-judge-edit"]
+    assert report["stages"][1]["metrics"]["overall"] == 1.0
+    assert (out / "report.md").read_text().startswith("# tiny")
+    assert all((out / s["folder"] / "metrics.json").is_file() for s in report["stages"])
+    logs = []
+    again = run_recipe(recipe, out, log=logs.append)
+    assert sum("skipped" in m for m in logs) == 4 and again["stages"][1]["metrics"] == report["stages"][1]["metrics"]
+
+
+def test_interrupted_stage_continues_and_changed_recipe_is_refused(tmp_path):
+    recipe, out = write(tmp_path, TINY), tmp_path / "run"
+    run_recipe(recipe, out, log=lambda m: None)
+    (out / "04-judge-edit").rename(out / "04-judge-edit.partial")  # as if killed before it finished
+    (out / "04-judge-edit.partial" / "metrics.json").unlink()
+    logs = []
+    run_recipe(recipe, out, log=logs.append)
+    assert any("judge-edit (judge): resuming" in m for m in logs) and (out / "04-judge-edit" / "metrics.json").is_file()
+    changed = json.loads(json.dumps(TINY))
+    changed["stages"][0]["n"] = 2
+    with pytest.raises(DreamliteError, match="01-gen: finished with a different recipe"):
+        run_recipe(write(tmp_path, changed), out, log=lambda m: None)
+    report = run_recipe(write(tmp_path, changed), out, restart=True, log=lambda m: None)
+    assert report["stages"][0]["metrics"]["prompts"] == 12
+
+
+def test_same_seed_same_report(tmp_path):
+    recipe = write(tmp_path, TINY)
+    a = run_recipe(recipe, tmp_path / "a", log=lambda m: None)
+    b = run_recipe(recipe, tmp_path / "b", log=lambda m: None)
+    strip = lambda r: [s["metrics"] for s in r["stages"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert (tmp_path / "a/01-gen/geneval/00003/samples/0000.png").read_bytes() == \
+        (tmp_path / "b/01-gen/geneval/00003/samples/0000.png").read_bytes()
