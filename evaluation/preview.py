@@ -47,9 +47,11 @@ def preview(seed: int = 0, size: int = 64, per_tag: int = 3, per_type: int = 1, 
             p = sample_gen_prompt(rng, tag)
             cells.append(_cell(render(scene_for(p, rng), size), f"[{tag}] {p.prompt}", scale, chars))
         rows.append(cells)
+    pairs = []
     for edit_type in EDIT_TYPES:
         for _ in range(per_type):
             rec = sample_edit(rng, edit_type)
-            rows.append([_cell(render(rec.source, size), f"source ({edit_type})", scale, chars),
-                         _cell(render(rec.target, size), f"-> {rec.prompt}", scale, chars)])
+            pairs += [_cell(render(rec.source, size), f"source ({edit_type})", scale, chars),
+                      _cell(render(rec.target, size), f"-> {rec.prompt}", scale, chars)]
+    rows += [pairs[i:i + 2 * per_tag] for i in range(0, len(pairs), 2 * per_tag)]  # per_tag edit pairs a row
     return _grid(rows)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .render import POLYGONS, UNIT_AREA, box, coverage, object_window, pixel_grid, render, signed_distance
+from .render import POLYGONS, UNIT_AREA, box, pixel_grid, render_layers, signed_distance
 from .spec import BACKGROUNDS, COLOR_ARRAY, COLOR_NAMES, SHAPES, STROKE, Obj, Scene
 
 _EIGHT = np.ones((3, 3), bool)
@@ -173,12 +173,10 @@ def artifact_measures(image, parsed: Parsed) -> dict:
     img = as_rgb(image).astype(np.float32)
     n = img.shape[0]
     noise = float(np.median(np.abs(img - ndimage.median_filter(img, size=(3, 3, 1))).max(-1)))
-    redraw = render(parsed.scene(), n).astype(np.float32)
+    redraw, layers = render_layers(parsed.scene(), n)
+    redraw = redraw.astype(np.float32)
     edges = np.zeros((n, n), bool)
-    for o in parsed.objects:  # pixels on or next to a drawn edge are allowed to disagree
-        y0, y1, x0, x1 = object_window(o, n)
-        px, py = pixel_grid(y0, y1, x0, x1)
-        cov = coverage(o.shape, px, py, o.cx * n, o.cy * n, o.size * n / 2, o.style)
+    for (y0, y1, x0, x1), cov in layers:  # pixels on or next to a drawn edge are allowed to disagree
         edges[y0:y1, x0:x1] |= (cov > 0.02) & (cov < 0.98)
     edges = ndimage.binary_dilation(edges, structure=_EIGHT, iterations=1)
     off = (np.abs(img - redraw).max(-1) > 48) & ~edges

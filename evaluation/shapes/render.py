@@ -96,20 +96,27 @@ def check_canvas(size: int) -> int:
     return int(size)
 
 
-def render(scene: Scene, size: int = DEFAULT_CANVAS) -> np.ndarray:
-    """Draw a scene as an (size, size, 3) uint8 RGB image."""
+def render_layers(scene: Scene, size: int = DEFAULT_CANVAS):
+    """Draw a scene; also return each object's window (y0, y1, x0, x1) and coverage there."""
     size = check_canvas(size)
     img = np.empty((size, size, 3), np.float64)
     img[:] = BACKGROUNDS[scene.background]
+    layers = []
     for o in scene.objects:
         y0, y1, x0, x1 = object_window(o, size)
         if y1 <= y0 or x1 <= x0:
             continue
         px, py = pixel_grid(y0, y1, x0, x1)
-        cov = coverage(o.shape, px, py, o.cx * size, o.cy * size, o.size * size / 2, o.style)[..., None]
+        cov = coverage(o.shape, px, py, o.cx * size, o.cy * size, o.size * size / 2, o.style)
         win = img[y0:y1, x0:x1]
-        win[:] = win * (1 - cov) + np.asarray(COLORS[o.color], np.float64) * cov
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        win[:] = win * (1 - cov[..., None]) + np.asarray(COLORS[o.color], np.float64) * cov[..., None]
+        layers.append(((y0, y1, x0, x1), cov))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), layers
+
+
+def render(scene: Scene, size: int = DEFAULT_CANVAS) -> np.ndarray:
+    """Draw a scene as an (size, size, 3) uint8 RGB image."""
+    return render_layers(scene, size)[0]
 
 
 __all__ = ["render", "coverage", "signed_distance", "UNIT_AREA", "UNIT_EXTENT", "POLYGONS", "SHAPES"]
