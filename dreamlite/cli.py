@@ -28,8 +28,6 @@ class Group(click.Group):
             return super().invoke(ctx)
         except DreamliteError as e:
             raise click.ClickException(str(e)) from None
-        except ValueError as e:  # library argument checks name the argument at fault
-            raise click.ClickException(str(e)) from None
 
 
 @click.group(cls=Group)

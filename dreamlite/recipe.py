@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Union
+from typing import Annotated, Callable, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -75,7 +75,7 @@ def stage_kinds() -> list[str]:
 
 
 def _load_builtin_stages() -> None:
-    from . import stages  # noqa: F401  (registers world, judge)
+    from . import stages  # noqa: F401, registers world and judge
 
 
 def recipe_model() -> type[BaseModel]:

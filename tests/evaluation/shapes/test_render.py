@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from dreamlite.evaluation.shapes import BACKGROUNDS, COLORS, SHAPES, Obj, Scene, SceneError, render
