@@ -4,6 +4,7 @@ from setuptools import setup
 # dreamlite.evaluation; find_packages would not add the prefix, so the packages are listed explicitly.
 PACKAGES = {
     "dreamlite": "dreamlite",
+    "dreamlite.stages": "dreamlite/stages",
     "dreamlite.compress": "compress",
     "dreamlite.models": "models",
     "dreamlite.evaluation": "evaluation",
@@ -26,6 +27,10 @@ setup(
         "pydantic>=2.5",
         "pyyaml>=6",
         "rich>=13",
+        "safetensors>=0.4",
+        "diffusers==0.42.1",
+        "accelerate>=1.0",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},

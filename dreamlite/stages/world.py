@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .io import DreamliteError, inside, read_json, write_json, write_jsonl
-from .recipe import StageConfig, StageContext, stage
+from dreamlite.io import DreamliteError, inside, read_json, write_json, write_jsonl
+from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.evaluation.geneval import judge_gen, write_gen_bench
 from dreamlite.evaluation.imgedit import judge_edit, write_edit_bench
 from dreamlite.evaluation.shapes.perturb import Perturbation

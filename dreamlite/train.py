@@ -1,0 +1,245 @@
+"""The one training loop: Hugging Face Accelerate, EMA, atomic checkpoints with exact resume, CSV log, loss curve.
+
+A *task* is an ``nn.Module`` whose ``forward(**batch)`` returns ``(loss, logs)``; it owns the models it trains. The
+batch for step ``k`` is a pure function ``batches(k)`` of the run's seed and ``k`` (the *global* batch, noise
+included), and each process takes its slice of it, so one process and N processes see the same samples and a resumed
+run replays exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .io import DreamliteError, atomic_path, identity_track
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "train_log.csv"
+
+
+class TrainSettings(BaseModel):
+    """Optimisation settings shared by every training stage (AdamW, warmup then constant or cosine decay)."""
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(ge=1)
+    batch: int = Field(32, ge=1, description="global batch per optimizer step")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(200, ge=0)
+    decay: Literal["constant", "cosine"] = "cosine"
+    final_lr: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr (cosine)")
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay (0 = no EMA)")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.batch % self.accumulate:
+            raise ValueError(f"batch {self.batch} is not divisible by accumulate {self.accumulate}")
+        return self
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warmup over ``s.warmup`` steps, then constant or cosine decay to ``s.final_lr * s.lr``."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    if s.decay == "constant":
+        return s.lr
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.final_lr + (1 - s.final_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class EMA:
+    """Exponential moving average of named parameters, warmed up as ``min(decay, (1 + t) / (10 + t))``."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        named = dict(module.named_parameters())
+        for k, v in self.shadow.items():
+            named[k].copy_(v.to(named[k].dtype))
+
+
+def split(batch: dict, index: int, parts: int) -> dict:
+    """Slice ``index`` of ``parts`` along dim 0 of every tensor and list in ``batch``."""
+    out = {}
+    for k, v in batch.items():
+        n = len(v)
+        if n % parts:
+            raise DreamliteError(f"batch: {n} samples do not split into {parts} equal parts (batch / accumulate / "
+                                 "processes must be whole)")
+        size = n // parts
+        out[k] = v[index * size:(index + 1) * size]
+    return out
+
+
+def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, step: int, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{k}": v.contiguous().cpu() for k, v in ema.shadow.items()}
+    state = opt.state_dict()
+    for i, st in state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
+    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: Path, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
+    """Restore everything ``save_checkpoint`` wrote; returns the step to continue from."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = task.load_state_dict(model, strict=False)
+    if missing or unexpected:
+        raise DreamliteError(f"{path}: checkpoint does not match the model being trained ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected tensors); use --restart")
+    if ema is not None:
+        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(state)
+    return int(meta["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    rows = list(csv.reader(path.open()))
+    keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folder, track=identity_track,
+        log: Callable[[str], None] = print, description: str = "train") -> dict:
+    """Train ``task`` for ``s.steps`` optimizer steps, resuming from ``folder/checkpoint.safetensors`` if present.
+
+    Returns the EMA (or raw) parameters are left in ``task`` at the end, and a summary dict.
+    """
+    from accelerate import Accelerator
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if s.precision == "bf16" else "no")
+    parts = s.accumulate * acc.num_processes
+    if s.batch % parts:
+        raise DreamliteError(f"batch: {s.batch} is not divisible by accumulate x processes = {parts}")
+    params = _trainable(task)
+    opt = torch.optim.AdamW(params.values(), lr=s.lr, weight_decay=s.weight_decay)
+    ema = EMA(params, s.ema) if s.ema > 0 else None
+    ckpt, log_path = folder / CHECKPOINT, folder / LOG
+    start = load_checkpoint(ckpt, task, opt, ema) if ckpt.is_file() else 0
+    if start:
+        log(f"      resuming at step {start} from {ckpt}")
+    _truncate_log(log_path, start)
+    model, opt = acc.prepare(task, opt)
+    unwrapped = acc.unwrap_model(model)
+    params = _trainable(unwrapped)
+    recent: list[float] = []
+    t0, seen = time.perf_counter(), 0
+    for step in track(range(start, s.steps), total=s.steps - start, description=description):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s)
+        batch = split(batches(step), acc.process_index, acc.num_processes)
+        logs: dict[str, float] = {}
+        for m in range(s.accumulate):
+            micro = split(batch, m, s.accumulate)
+            sync = contextlib.nullcontext() if m == s.accumulate - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                loss, parts_log = model(**micro)
+            if not torch.isfinite(loss):
+                raise DreamliteError(f"{description}: loss is {loss.item()} at step {step}; stopped, the last good "
+                                     f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
+            acc.backward(loss / s.accumulate)
+            for k, v in {"loss": loss.detach(), **parts_log}.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / s.accumulate
+        acc.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(params, step)
+        seen += s.batch
+        recent = (recent + [logs["loss"]])[-s.log_every:]
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            rate = seen / (time.perf_counter() - t0)
+            _append_log(log_path, done, lr_at(step, s), rate, logs, acc.is_main_process)
+            log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(ckpt, done, unwrapped, opt, ema)
+    if ema is not None:
+        ema.copy_to(unwrapped)
+    if acc.is_main_process and log_path.is_file():
+        plot_loss(log_path, folder / "loss.png")
+    return {"steps": s.steps, "final_loss": round(sum(recent) / max(1, len(recent)), 5) if recent else None,
+            "samples_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1) if seen else None}
+
+
+def _append_log(path: Path, step: int, lr: float, rate: float, logs: dict, main: bool) -> None:
+    if not main:
+        return
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "lr", "samples_per_s", *logs])
+        w.writerow([step, f"{lr:.3e}", f"{rate:.1f}", *(f"{v:.5f}" for v in logs.values())])
+
+
+def plot_loss(log_path: Path, png: Path) -> None:
+    """The loss curve of a CSV log as a PNG (matplotlib, headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(log_path.open()))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [int(r["step"]) for r in rows]
+    for key in [k for k in rows[0] if k not in ("step", "lr", "samples_per_s")]:
+        ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,175 @@
+"""A model as the CLI and the recipes see it: U-Net + text encoder + codec + how it is sampled, saved as a folder.
+
+Folder layout (the U-Net at the root, so ``UNet2DConditionModel.from_pretrained(folder)`` or
+``DreamLiteUNetModel.from_pretrained(folder)`` loads it directly)::
+
+    config.json, diffusion_pytorch_model.safetensors   the U-Net (diffusers)
+    text_encoder/                                      the text encoder (shapes encoder or transformers)
+    vae/                                               a diffusers VAE, when the codec is not pixel-unshuffle
+    dreamlite.json                                     preset, prediction, in-context, image size, codec, provenance
+
+A diffusers pipeline folder (``model_index.json`` with ``unet/``) and ``PRESET:weights.safetensors`` also load.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dreamlite.io import DreamliteError, read_json, write_json
+
+from .codec import Codec, PixelUnshuffleCodec, VAECodec
+from .presets import PRESETS, Prediction, build, get_preset, unet_class
+from .text import ShapesTextEncoder, TextEncoder, load_text_encoder
+
+META = "dreamlite.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class Bundle:
+    unet: nn.Module
+    prediction: Prediction
+    in_context: bool  # DreamLite layout: input is (target | cond) along the width
+    image_size: int  # default output size in pixels
+    text: TextEncoder | None = None
+    codec: Codec | None = None
+    name: str = ""
+    folder: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return dict(self.unet.config)
+
+    def latent_size(self, image_size: int | None = None) -> int:
+        factor = self.codec.factor if self.codec else 8
+        return (image_size or self.image_size) // factor
+
+    def save_pretrained(self, folder, **provenance) -> None:
+        """Write the folder described in the module docstring (the U-Net in safetensors, never pickle)."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder, safe_serialization=True)
+        if isinstance(self.text, ShapesTextEncoder):
+            self.text.save_pretrained(folder / "text_encoder")
+        codec = {"kind": "pixel-unshuffle", "factor": self.codec.factor} if isinstance(
+            self.codec, PixelUnshuffleCodec) else {"kind": "vae", "folder": "vae"}
+        write_json(folder / META, {**self.meta, **provenance, "prediction": self.prediction,
+                                   "in_context": self.in_context, "image_size": self.image_size, "codec": codec})
+
+
+def _defaults(cls_name: str) -> tuple[Prediction, bool]:
+    return ("flow", True) if cls_name == "DreamLiteUNetModel" else ("epsilon", False)
+
+
+def from_preset(name: str, device="cpu", seed: int = 0, text: TextEncoder | None = None) -> Bundle:
+    """A preset with random (seeded) weights, or on ``device="meta"`` without allocating any."""
+    p = get_preset(name)
+    unet = build(p.config, p.cls, device, seed)
+    codec = PixelUnshuffleCodec() if p.codec == "pixel-unshuffle" else None
+    if text is None and p.text == "shapes" and str(device) != "meta":
+        torch.manual_seed(seed)
+        text = ShapesTextEncoder.for_shapes()
+    factor = codec.factor if codec else 8
+    return Bundle(unet, p.prediction, p.cls == "DreamLiteUNetModel", p.config["sample_size"] * factor, text, codec,
+                  name=name, meta={"preset": name})
+
+
+def _unet_folder(folder: Path) -> Path:
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file():
+        return folder / "unet"
+    raise DreamliteError(f"{folder}: not a diffusers model folder (no config.json, and no model_index.json with "
+                         "unet/)")
+
+
+def load_unet(folder: Path, device="cpu", meta: bool = False) -> nn.Module:
+    cfg = read_json(folder / "config.json")
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    try:
+        cls = unet_class(name)
+    except ValueError as e:
+        raise DreamliteError(f"{folder / 'config.json'}: {e}") from None
+    if meta:
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(folder))
+    if not (folder / WEIGHTS).is_file():
+        found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+        hint = f" (found {found[0]}: dreamlite never unpickles; convert it to safetensors)" if found else ""
+        raise DreamliteError(f"{folder}: no {WEIGHTS}{hint}")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=True).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DreamliteError(f"{folder}: cannot load the U-Net ({str(e).splitlines()[0]})") from None
+
+
+def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0) -> Bundle:
+    """A preset name, a model folder, a pipeline folder, or ``PRESET:FILE.safetensors``."""
+    if spec in PRESETS:
+        return from_preset(spec, "meta" if meta else device, seed)
+    if ":" in spec and spec.split(":", 1)[0] in PRESETS:
+        return _from_file(*spec.split(":", 1), device=device)
+    folder = Path(spec)
+    if not folder.exists():
+        raise DreamliteError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+    if folder.is_file():
+        raise DreamliteError(f"{spec}: a weights file needs its architecture: PRESET:{spec}")
+    unet_dir = _unet_folder(folder)
+    unet = load_unet(unet_dir, device, meta)
+    info = read_json(folder / META) if (folder / META).is_file() else {}
+    prediction, in_context = _defaults(type(unet).__name__)
+    codec_info = info.get("codec", {"kind": "vae", "folder": "vae"})
+    if codec_info.get("kind") == "pixel-unshuffle":
+        codec = PixelUnshuffleCodec(int(codec_info.get("factor", 4)))
+    elif (folder / "vae" / "config.json").is_file() and not meta:
+        codec = VAECodec(folder / "vae")
+    else:
+        codec = None
+    text = None
+    if (folder / "text_encoder" / "config.json").is_file() and not meta:
+        text = load_text_encoder(folder / "text_encoder")
+    factor = codec.factor if codec else 8
+    size = int(info.get("image_size", unet.config.sample_size * factor))
+    return Bundle(unet, info.get("prediction", prediction), bool(info.get("in_context", in_context)), size, text,
+                  codec, name=str(folder), folder=folder, meta=info)
+
+
+def _from_file(preset: str, path: str, device="cpu") -> Bundle:
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise DreamliteError(f"{path}: expected an existing .safetensors file (dreamlite never unpickles)")
+    b = from_preset(preset, "meta")
+    try:
+        b.unet.load_state_dict(load_file(str(file), device=str(device)), strict=True, assign=True)
+    except RuntimeError as e:
+        raise DreamliteError(f"{path}: does not match preset {preset!r} ({str(e).splitlines()[1].strip()})") from None
+    b.name, b.meta = f"{preset}:{path}", {"preset": preset, "weights": str(file)}
+    return b
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def describe(b: Bundle) -> dict:
+    """Class, parameters and config summary (works on the meta device)."""
+    return {"name": b.name, "class": type(b.unet).__name__, "parameters": sum(p.numel() for p in b.unet.parameters()),
+            "prediction": b.prediction, "in_context": b.in_context, "image_size": b.image_size,
+            "latent": [b.unet.config.in_channels, b.latent_size(), b.latent_size() * (2 if b.in_context else 1)],
+            "text_width": b.unet.config.cross_attention_dim if not b.unet.config.encoder_hid_dim
+            else b.unet.config.encoder_hid_dim}
+

@@ -1,0 +1,66 @@
+"""Training a server U-Net from scratch with SDXL's objective: epsilon prediction on the discrete scaled-linear
+1000-step schedule, MSE (optionally Min-SNR-gamma weighted, Hang et al. 2023), caption dropout for guidance.
+
+The text encoder trains with the U-Net (the shapes encoder starts from scratch too) and is frozen afterwards.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from dreamlite.evaluation.shapes import render
+from dreamlite.evaluation.shapes.world import sample_t2i
+
+from .codec import Codec
+from .conditioning import unet_inputs
+
+# SDXL's training schedule (scheduler_config.json of stable-diffusion-xl-base-1.0).
+SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+                 "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """The numpy and torch generators of one training step: a pure function of (seed, step, stream)."""
+    rng = np.random.default_rng([seed, step, stream])
+    return rng, torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+
+
+def t2i_batch(seed: int, step: int, batch: int, latent_shape: tuple[int, int, int], caption_dropout: float = 0.1,
+              size: int = 64, timesteps: int = 1000) -> dict:
+    """The global text-to-image batch of ``step``: images (B, 3, H, W) in [-1, 1], captions ('' when dropped),
+    noise (B, C, h, w) and integer timesteps (B,)."""
+    rng, gen = step_generator(seed, step)
+    images, captions = [], []
+    for _ in range(batch):
+        scene, caption = sample_t2i(rng)
+        images.append(render(scene, size))
+        captions.append("" if rng.random() < caption_dropout else caption)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return {"images": x, "captions": captions, "noise": torch.randn((batch, *latent_shape), generator=gen),
+            "timesteps": torch.randint(0, timesteps, (batch,), generator=gen)}
+
+
+class EpsilonTask(nn.Module):
+    """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0):
+        super().__init__()
+        self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
+        self.schedule = DDPMScheduler.from_config(SDXL_SCHEDULE)
+        self.snr_gamma = snr_gamma
+
+    def forward(self, images, captions, noise, timesteps):
+        latents = self.codec.encode(images)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        text = self.text_encoder.encode(captions)
+        h, w = images.shape[-2:]
+        pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.snr_gamma:
+            snr = compute_snr(self.schedule, timesteps)
+            per_sample = per_sample * snr.clamp(max=self.snr_gamma) / snr
+        return per_sample.mean(), {}
