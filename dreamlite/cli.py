@@ -142,6 +142,10 @@ def judge_gen_cmd(folder, results, json_path):
     from dreamlite.evaluation.geneval import judge_gen
     rows, summary = judge_gen(folder, track)
     _write(rows, summary, results, json_path)
+    _print_gen(summary)
+
+
+def _print_gen(summary: dict) -> None:
     per_tag = {t: [v] for t, v in summary["per_tag"].items()} | {"overall": [summary["overall"]]}
     Console().print(_table(f"GenEval-style ({summary['images']} images)", per_tag, ["score"]))
 
@@ -154,14 +158,152 @@ def judge_gen_cmd(folder, results, json_path):
 def judge_edit_cmd(edits, images, results, json_path):
     """Score edited images on compliance, seamlessness and preservation (1..5)."""
     from dreamlite.evaluation.imgedit import judge_edit
-    from dreamlite.evaluation.shapes.edits import AXES
     rows, summary = judge_edit(edits, images, track)
     _write(rows, summary, results, json_path)
+    _print_edit(summary)
+
+
+def _print_edit(summary: dict) -> None:
+    from dreamlite.evaluation.shapes.edits import AXES
     cols = ["overall", *AXES]
     table = {t: [v[c] for c in cols] for t, v in summary["per_type"].items()}
     table["overall"] = [summary["overall"]] + [sum(v[c] for v in summary["per_type"].values()) / len(summary["per_type"])
                                                for c in AXES]
     Console().print(_table(f"ImgEdit-style ({summary['images']} edits)", table, cols))
+
+
+# ------------------------------------------------------------------------------------------------------ models
+MODEL_HELP = "A preset (sdxl, sd15, dreamlite-0.39b, shapes-server, shapes-mobile), a model folder, or PRESET:FILE.safetensors."
+
+
+def _sampler_options(fn):
+    options = [
+        click.option("--batch", type=click.IntRange(1), default=16, show_default=True, help="Images per U-Net batch."),
+        click.option("--scheduler", type=click.Choice(["ddim", "euler"]), default="ddim", show_default=True,
+                     help="For epsilon-prediction models (flow models always use flow-matching Euler)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--cfg", type=click.FloatRange(0), default=None, help="Text guidance (default: the model's)."),
+        click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps (default: the model's)."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+def _settings(bundle, steps, cfg, seed, scheduler, batch, image_cfg=None):
+    from dreamlite.models.sampler import default_settings
+    s = default_settings(bundle)
+    s.seed, s.scheduler, s.batch = seed, scheduler, batch
+    s.steps = steps or s.steps
+    s.cfg = s.cfg if cfg is None else cfg
+    s.image_cfg = s.image_cfg if image_cfg is None else image_cfg
+    return s.check()
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(model, as_json):
+    """Class, parameters, bytes and MACs per call of MODEL (nothing is allocated for presets)."""
+    import json
+    from dreamlite.evaluation.footprint import footprint
+    from dreamlite.models.bundle import load_bundle
+    report = footprint(load_bundle(model, meta=True))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=model, show_header=False)
+    for k, v in report.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    Console().print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--prompt", required=True, multiple=True, help="Prompt (repeat for several images).")
+@click.option("--size", type=click.IntRange(8), default=None, help="Image size in pixels (default: the model's).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG; several prompts -> OUT-<k>.png.")
+@_sampler_options
+def sample(model, prompt, size, out, steps, cfg, seed, scheduler, batch):
+    """Generate an image from text."""
+    from dreamlite.models.bundle import load_bundle
+    from dreamlite.models.sampler import generate
+    from .io import save_png
+    bundle = load_bundle(model)
+    images = generate(bundle, list(prompt), _settings(bundle, steps, cfg, seed, scheduler, batch), size=size)
+    for path, image in zip(_outputs(out, len(images)), images):
+        save_png(path, image)
+        console.print(f"-> {path}")
+
+
+def _outputs(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(n)]
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False), help="Source image.")
+@click.option("--prompt", required=True, help="Edit instruction.")
+@click.option("--image-cfg", type=click.FloatRange(0), default=None, help="Image guidance (default: the model's).")
+@click.option("--resize", is_flag=True, help="Resize the source to the model's size instead of refusing it.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@_sampler_options
+def edit(model, image_path, prompt, image_cfg, resize, out, steps, cfg, seed, scheduler, batch):
+    """Edit an image by instruction (in-context models)."""
+    from dreamlite.models.bundle import load_bundle
+    from dreamlite.models.sampler import edit as run_edit
+    from .io import load_image, save_png
+    bundle = load_bundle(model)
+    image = load_image(image_path, size=bundle.image_size if resize else None)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, image_cfg)
+    save_png(out, run_edit(bundle, image[None], [prompt], settings)[0])
+    console.print(f"-> {out}")
+
+
+@main.group(cls=Group)
+def bench():
+    """Sample a fresh seeded benchmark with a model and judge it."""
+
+
+@bench.command("gen")
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--n-per-tag", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--images-per-prompt", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary here.")
+@_sampler_options
+def bench_gen_cmd(model, out, n_per_tag, images_per_prompt, json_path, steps, cfg, seed, scheduler, batch):
+    """GenEval-style: sample every prompt into a GenEval folder, judge it."""
+    from dreamlite.evaluation.model_bench import bench_gen
+    from dreamlite.models.bundle import load_bundle
+    bundle = load_bundle(model)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch)
+    with staged_dir(out) as work:
+        summary = bench_gen(bundle, work, n_per_tag, images_per_prompt, settings, seed, track)
+    _write([], summary, None, json_path)
+    _print_gen(summary)
+
+
+@bench.command("edit")
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--n-per-type", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--image-cfg", type=click.FloatRange(0), default=None, help="Image guidance (default: the model's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary here.")
+@_sampler_options
+def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, seed, scheduler, batch):
+    """ImgEdit-style: edit every source of a fresh edit set, judge it."""
+    from dreamlite.evaluation.model_bench import bench_edit
+    from dreamlite.models.bundle import load_bundle
+    bundle = load_bundle(model)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, image_cfg)
+    with staged_dir(out) as work:
+        summary = bench_edit(bundle, work, n_per_type, settings, seed, track)
+    _write([], summary, None, json_path)
+    _print_edit(summary)
 
 
 if __name__ == "__main__":

@@ -76,14 +76,16 @@ def save_png(path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
 
 
-def load_image(path) -> np.ndarray:
-    """An RGB uint8 array; a missing or unreadable file is a DreamliteError naming it."""
+def load_image(path, size: int | None = None) -> np.ndarray:
+    """An RGB uint8 array (resized to ``size`` x ``size`` when given); a missing or unreadable file is a
+    DreamliteError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DreamliteError(f"{path}: image not found")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            im = im.convert("RGB")
+            return np.asarray(im.resize((size, size), Image.Resampling.LANCZOS) if size else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DreamliteError(f"{path}: not a readable image ({e})") from None
 

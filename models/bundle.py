@@ -12,14 +12,13 @@ A diffusers pipeline folder (``model_index.json`` with ``unet/``) and ``PRESET:w
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from dreamlite.io import DreamliteError, read_json, write_json
+from dreamlite.io import DreamliteError, inside, read_json, write_json
 
 from .codec import Codec, PixelUnshuffleCodec, VAECodec
 from .presets import PRESETS, Prediction, build, get_preset, unet_class
@@ -107,8 +106,14 @@ def load_unet(folder: Path, device="cpu", meta: bool = False) -> nn.Module:
         raise DreamliteError(f"{folder}: cannot load the U-Net ({str(e).splitlines()[0]})") from None
 
 
+ZOO = Path(__file__).parent / "zoo"
+
+
 def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0) -> Bundle:
-    """A preset name, a model folder, a pipeline folder, or ``PRESET:FILE.safetensors``."""
+    """A preset name, ``zoo:NAME`` (a model shipped in models/zoo), a model folder, a pipeline folder, or
+    ``PRESET:FILE.safetensors``."""
+    if spec.startswith("zoo:"):
+        spec = str(inside(ZOO, spec[4:], "model"))
     if spec in PRESETS:
         return from_preset(spec, "meta" if meta else device, seed)
     if ":" in spec and spec.split(":", 1)[0] in PRESETS:
@@ -151,25 +156,3 @@ def _from_file(preset: str, path: str, device="cpu") -> Bundle:
         raise DreamliteError(f"{path}: does not match preset {preset!r} ({str(e).splitlines()[1].strip()})") from None
     b.name, b.meta = f"{preset}:{path}", {"preset": preset, "weights": str(file)}
     return b
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def describe(b: Bundle) -> dict:
-    """Class, parameters and config summary (works on the meta device)."""
-    return {"name": b.name, "class": type(b.unet).__name__, "parameters": sum(p.numel() for p in b.unet.parameters()),
-            "prediction": b.prediction, "in_context": b.in_context, "image_size": b.image_size,
-            "latent": [b.unet.config.in_channels, b.latent_size(), b.latent_size() * (2 if b.in_context else 1)],
-            "text_width": b.unet.config.cross_attention_dim if not b.unet.config.encoder_hid_dim
-            else b.unet.config.encoder_hid_dim}
-

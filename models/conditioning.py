@@ -9,6 +9,8 @@ import torch
 
 from .text import TextStates
 
+SDXL_TIME_IDS = 6
+
 
 def num_time_ids(config, pooled_width: int = 0) -> int:
     kind = config.get("addition_embed_type")
@@ -26,7 +28,7 @@ def time_ids(config, height: int, width: int, batch: int, pooled_width: int = 0)
     n = num_time_ids(config, pooled_width)
     if n == 0:
         return None
-    base = [height, width, 0, 0, height, width] if n == 6 else ([height, width] * n)[:n]
+    base = [height, width, 0, 0, height, width] if n == SDXL_TIME_IDS else ([height, width] * n)[:n]
     return torch.tensor(base, dtype=torch.float32).expand(batch, n)
 
 

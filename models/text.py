@@ -79,7 +79,8 @@ class ShapesTextEncoder(nn.Module):
         return cls(ShapesTextConfig(vocab=vocabulary(), **kw))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids (B, L) and key padding mask (B, L), True where padded."""
+        """-> ids (B, L) and key padding mask (B, L), True where padded; L is always ``max_tokens`` (as CLIP pads
+        to 77), so a prompt's states do not depend on what else is in the batch or on the runtime."""
         rows = []
         for p in prompts:
             words = tokenize(p)
@@ -91,8 +92,7 @@ class ShapesTextEncoder(nn.Module):
                 raise DreamliteError(f"prompt {p!r}: {len(words)} words, the text encoder takes at most "
                                      f"{self.config.max_tokens - 1}")
             rows.append([1] + [self.index[w] for w in words])
-        length = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        ids = torch.zeros(len(rows), self.config.max_tokens, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r)
         return ids, ids == 0

@@ -13,3 +13,50 @@ def rng():
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tiny versions of the shapes presets (same layouts, widths 8 to 16): every model test builds from these.
+TINY_TEXT = {"width": 16, "layers": 1, "heads": 2, "ff": 32}
+TINY = {
+    "shapes-server": {"block_out_channels": [8, 16, 16], "attention_head_dim": [1, 2, 2], "norm_num_groups": 4,
+                      "transformer_layers_per_block": [1, 1, 2], "cross_attention_dim": 16,
+                      "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 16 + 6 * 4},
+    "shapes-mobile": {"block_out_channels": [8, 8, 16], "attention_head_dim": [1, 1, 2], "norm_num_groups": 4,
+                      "cross_attention_dim": 16, "encoder_hid_dim": 16, "addition_time_embed_dim": 4,
+                      "projection_class_embeddings_input_dim": 8},
+}
+
+
+def tiny_bundle(preset: str, seed: int = 0):
+    import torch
+    from dreamlite.models.bundle import Bundle
+    from dreamlite.models.codec import PixelUnshuffleCodec
+    from dreamlite.models.presets import build, get_preset
+    from dreamlite.models.text import ShapesTextEncoder
+
+    p = get_preset(preset)
+    unet = build(p.config, p.cls, seed=seed, **TINY[preset]).eval()
+    torch.manual_seed(seed)
+    text = ShapesTextEncoder.for_shapes(**TINY_TEXT).eval()
+    return Bundle(unet, p.prediction, p.cls == "DreamLiteUNetModel", 64, text, PixelUnshuffleCodec(), name=f"tiny-{preset}",
+                  meta={"preset": preset})
+
+
+@pytest.fixture
+def tiny_server():
+    return tiny_bundle("shapes-server")
+
+
+@pytest.fixture
+def tiny_mobile():
+    return tiny_bundle("shapes-mobile")
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """Both tiny models saved as model folders (fp32), as a user would have them."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for preset in TINY:
+        tiny_bundle(preset).save_pretrained(root / preset)
+        out[preset] = root / preset
+    return out

@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from dreamlite.io import DreamliteError, write_json
 from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
 
@@ -26,7 +27,6 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
 
     bundle = from_preset(cfg.preset, seed=ctx.seed)
     if bundle.prediction != "epsilon" or bundle.in_context:
-        from dreamlite.io import DreamliteError
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
     task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
@@ -40,3 +40,49 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     bundle.save_pretrained(ctx.dir / "model", stage="train-teacher", trained_steps=cfg.train.steps,
                            samples_seen=cfg.train.steps * cfg.train.batch)
     return {**summary, "parameters": sum(p.numel() for p in bundle.unet.parameters())}
+
+
+class BenchStage(StageConfig):
+    kind: Literal["bench"]
+    bench: Literal["gen", "edit"]
+    input: str | None = Field(None, description="earlier stage whose model/ folder is benchmarked")
+    model: str | None = Field(None, description="or: a preset, zoo:NAME, or a model folder")
+    n: int = Field(20, ge=1, description="prompts per GenEval tag, or edits per ImgEdit type")
+    images_per_prompt: int = Field(4, ge=1)
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
+    cfg: float | None = Field(None, ge=0)
+    image_cfg: float | None = Field(None, ge=0)
+    scheduler: Literal["ddim", "euler"] = "ddim"
+    batch: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if (self.input is None) == (self.model is None):
+            raise ValueError("give exactly one of input (an earlier stage) and model")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if self.input else []
+
+
+@stage(BenchStage)
+def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
+    from dreamlite.evaluation.model_bench import bench_edit, bench_gen
+    from dreamlite.models.bundle import load_bundle
+    from dreamlite.models.sampler import default_settings
+
+    bundle = load_bundle(str(ctx.input(cfg.input) / "model") if cfg.input else cfg.model)
+    s = default_settings(bundle)
+    s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
+    for k in ("steps", "cfg", "image_cfg"):
+        if getattr(cfg, k) is not None:
+            setattr(s, k, getattr(cfg, k))
+    s.check()
+    if cfg.bench == "gen":
+        summary = bench_gen(bundle, ctx.dir / "geneval", cfg.n, cfg.images_per_prompt, s, ctx.seed, ctx.track)
+        write_json(ctx.dir / "bench.json", {"bench": "gen", "folder": "geneval"})
+    else:
+        summary = bench_edit(bundle, ctx.dir / "imgedit", cfg.n, s, ctx.seed, ctx.track)
+        write_json(ctx.dir / "bench.json", {"bench": "edit", "edits": "imgedit/edits.jsonl",
+                                            "images": "imgedit/edited"})
+    return {"bench": cfg.bench, **summary}

@@ -1,0 +1,208 @@
+"""The unified in-context sampler: one loop for generation and editing, for any denoiser.
+
+A *denoiser* is any callable ``(x (N, C, h, w_in), t (N,), text: TextStates) -> model output (N, C, h, w_in)``:
+a torch U-Net (``UNetDenoiser``) or an ONNX Runtime session (``OrtDenoiser``). In-context models (DreamLite) see
+``cat([x_target, cond], width)`` with ``cond`` = zeros to generate and the source latent to edit; their output is
+cropped to the target half. Guidance (DreamLite): generation ``u + g (c - u)`` (2 branches); editing
+``u + g_t (text - image) + g_i (image - u)`` with u = (empty prompt, zero latent), image = (empty prompt, source),
+text = (prompt, source). All branches go through the denoiser as one batch. Schedules are diffusers' schedulers:
+DDIM (or Euler) for epsilon prediction, flow-matching Euler for flow models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from dreamlite.io import DreamliteError
+
+from .bundle import Bundle
+from .codec import to_uint8
+from .conditioning import unet_inputs
+from .teacher import SDXL_SCHEDULE
+from .text import TextStates
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, TextStates], torch.Tensor]
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 28
+    cfg: float = 5.0  # text guidance (generation and editing)
+    image_cfg: float = 1.5  # image guidance (editing)
+    seed: int = 0
+    scheduler: Literal["ddim", "euler"] = "ddim"  # for epsilon models; flow models always use flow-matching Euler
+    batch: int = 16  # images per denoiser batch (before guidance branches)
+
+    def check(self) -> "SamplerSettings":
+        if self.steps < 1:
+            raise DreamliteError(f"steps: must be at least 1 (got {self.steps})")
+        if self.cfg < 0 or self.image_cfg < 0:
+            raise DreamliteError("cfg: guidance scales must be >= 0")
+        return self
+
+
+def default_settings(b: Bundle) -> SamplerSettings:
+    """The model's own defaults (``dreamlite.json`` ``sampler`` entry) over the family's: epsilon servers 50 DDIM
+    steps, guidance 5; flow models 28 Euler steps, guidance 3.5 (DreamLite's base model)."""
+    base = SamplerSettings(steps=50, cfg=5.0) if b.prediction == "epsilon" else SamplerSettings(steps=28, cfg=3.5)
+    for k, v in (b.meta.get("sampler") or {}).items():
+        if k in ("steps", "cfg", "image_cfg", "scheduler"):
+            setattr(base, k, v)
+    return base
+
+
+class UNetDenoiser:
+    """A diffusers U-Net as a denoiser; ``height`` x ``width`` is the target image size in pixels (time ids)."""
+
+    def __init__(self, unet, height: int, width: int):
+        self.unet, self.height, self.width = unet, height, width
+        self.config = dict(unet.config)
+        self.dtype = next(unet.parameters()).dtype
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextStates) -> torch.Tensor:
+        text = TextStates(text.states.to(self.dtype), text.pooled.to(self.dtype))
+        out = self.unet(x.to(self.dtype), t, **unet_inputs(self.config, text, self.height, self.width)).sample
+        return out.float()
+
+
+class OrtDenoiser:
+    """An ONNX Runtime session of an exported U-Net (``dreamlite.compress.quantize.export``) as a denoiser.
+    The graph's batch is static: calls are split into chunks of that batch, the last one padded."""
+
+    def __init__(self, session):
+        self.session = session
+        self.names = [i.name for i in session.get_inputs()]
+        self.batch = session.get_inputs()[0].shape[0]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextStates) -> torch.Tensor:
+        inputs = {"sample": x, "timestep": t.float(), "encoder_hidden_states": text.states, "text_embeds": text.pooled}
+        outs = []
+        for k in range(0, x.shape[0], self.batch):
+            feed = {}
+            for name in self.names:
+                part = inputs[name][k:k + self.batch].detach().float()
+                pad = self.batch - part.shape[0]
+                if pad:
+                    part = torch.cat([part, part[-1:].expand(pad, *part.shape[1:])])
+                feed[name] = part.numpy()
+            outs.append(torch.from_numpy(self.session.run(None, feed)[0])[: min(self.batch, x.shape[0] - k)])
+        return torch.cat(outs)
+
+
+def make_scheduler(prediction: str, steps: int, kind: str = "ddim"):
+    """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
+    (the DreamLite mobile pipeline) for flow models; DDIM or Euler on SDXL's schedule (trailing spacing, so the
+    first step starts from pure noise) for epsilon models."""
+    if prediction == "flow":
+        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
+        return s
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
+    s = cls.from_config({**SDXL_SCHEDULE, "timestep_spacing": "trailing"})
+    s.set_timesteps(steps)
+    return s
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, first_index: int = 0) -> torch.Tensor:
+    """(B, C, h, w) noise where image i depends only on ``seed + first_index + i`` (not on the batch it is in)."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + first_index + i))
+                        for i in range(shape[0])])
+
+
+def guide(outputs: list[torch.Tensor], cfg: float, image_cfg: float) -> torch.Tensor:
+    """Combine branch outputs: [c] -> c; [u, c] -> u + g (c - u); [u, i, t] -> u + g_t (t - i) + g_i (i - u)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if len(outputs) == 2:
+        u, c = outputs
+        return u + cfg * (c - u)
+    u, i, t = outputs
+    return u + cfg * (t - i) + image_cfg * (i - u)
+
+
+@torch.no_grad()
+def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: list[tuple[TextStates, object]],
+            s: SamplerSettings) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (B, C, h, w); ``branches`` are (text, context) pairs with context a
+    (B, C, h, w) latent placed beside the target, or None for a model without in-context width."""
+    sched = make_scheduler(prediction, s.steps, s.scheduler)
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)
+    width = noise.shape[-1]
+    text = TextStates.cat([t for t, _ in branches])
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(x, t) if prediction == "epsilon" else x
+        parts = [xin if ctx is None else torch.cat([xin, ctx], dim=-1) for _, ctx in branches]
+        xs = torch.cat(parts)
+        out = denoiser(xs, t.expand(xs.shape[0]).to(torch.float32), text)[..., :width]
+        x = sched.step(guide(list(out.chunk(len(branches))), s.cfg, s.image_cfg), t, x).prev_sample
+    return x
+
+
+def _branches(b: Bundle, prompts: list[str], source: torch.Tensor | None, s: SamplerSettings):
+    """Guidance branches of one batch: generation [uncond?, cond]; editing [uncond, image, text]."""
+    cond = b.text.encode(prompts)
+    n = len(prompts)
+    empty = b.text.encode([""] * n) if (s.cfg != 1 or source is not None) else None
+    if source is None:
+        ctx = torch.zeros_like(_latent_like(b, n)) if b.in_context else None
+        return [(cond, ctx)] if s.cfg == 1 else [(empty, ctx), (cond, ctx)]
+    if s.cfg == 1 and s.image_cfg == 1:
+        return [(cond, source)]
+    return [(empty, torch.zeros_like(source)), (empty, source), (cond, source)]
+
+
+def _latent_like(b: Bundle, n: int, size: int | None = None) -> torch.Tensor:
+    h = b.latent_size(size)
+    return torch.empty(n, b.unet.config.in_channels, h, h)
+
+
+def _check(b: Bundle):
+    if b.text is None or b.codec is None:
+        raise DreamliteError(f"{b.name}: sampling needs a text encoder and a codec beside the U-Net "
+                             "(a preset without them can only be inspected)")
+
+
+@torch.no_grad()
+def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings(), size: int | None = None,
+             denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
+    """Text-to-image: uint8 (B, H, W, 3); image i uses seed ``s.seed + first_index + i``."""
+    _check(b)
+    s.check()
+    size = size or b.image_size
+    denoiser = denoiser or UNetDenoiser(b.unet, size, size)
+    out = []
+    for k in range(0, len(prompts), s.batch):
+        chunk = prompts[k:k + s.batch]
+        noise = initial_noise(tuple(_latent_like(b, len(chunk), size).shape), s.seed, first_index + k)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, None, s), s)
+        out.append(to_uint8(b.codec.decode(latents)))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings = SamplerSettings(),
+         denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
+    """Instruction editing of uint8 images (B, H, W, 3) of the model's size -> uint8 (B, H, W, 3)."""
+    _check(b)
+    s.check()
+    if not b.in_context:
+        raise DreamliteError(f"{b.name}: editing needs an in-context model (DreamLite layout); this one is "
+                             f"{type(b.unet).__name__} without in-context width")
+    if sources.shape[1:3] != (b.image_size, b.image_size):
+        raise DreamliteError(f"image: {sources.shape[2]}x{sources.shape[1]} px, the model edits "
+                             f"{b.image_size}x{b.image_size} images (resize it first)")
+    denoiser = denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size)
+    out = []
+    for k in range(0, len(prompts), s.batch):
+        chunk = prompts[k:k + s.batch]
+        src = torch.from_numpy(np.ascontiguousarray(sources[k:k + s.batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        src_latent = b.codec.encode(src)
+        noise = initial_noise(tuple(src_latent.shape), s.seed, first_index + k)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s)
+        out.append(to_uint8(b.codec.decode(latents)))
+    return np.concatenate(out)

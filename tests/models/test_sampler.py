@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from dreamlite.io import DreamliteError
+from dreamlite.models.sampler import (SamplerSettings, UNetDenoiser, denoise, edit, generate, guide, initial_noise)
+
+PROMPTS = ["a red circle", "two squares"]
+
+
+def test_guidance_maths():
+    u, c, i = torch.tensor(1.0), torch.tensor(3.0), torch.tensor(2.0)
+    assert guide([c], 7, 7) == c
+    assert guide([u, c], 1.0, 0) == c and guide([u, c], 2.0, 0) == 5.0  # u + g (c - u)
+    assert guide([u, i, c], 2.0, 1.5) == 1 + 2 * (3 - 2) + 1.5 * (2 - 1)  # DreamLite's 3 branches
+
+
+@pytest.mark.parametrize("which", ["tiny_server", "tiny_mobile"])
+def test_same_seed_same_images_other_seed_other_images(which, request):
+    b = request.getfixturevalue(which)
+    s = SamplerSettings(steps=3, cfg=3.0, seed=5)
+    a, again = generate(b, PROMPTS, s), generate(b, PROMPTS, s)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, again)
+    assert not np.array_equal(a, generate(b, PROMPTS, SamplerSettings(steps=3, cfg=3.0, seed=6)))
+
+
+@pytest.mark.parametrize("which", ["tiny_server", "tiny_mobile"])
+@torch.no_grad()
+def test_guidance_scale_one_equals_the_conditional_only_path(which, request):
+    b = request.getfixturevalue(which)
+    s = SamplerSettings(steps=3, cfg=1.0)
+    noise = initial_noise((2, 48, 16, 16), 0)
+    cond, empty = b.text.encode(PROMPTS), b.text.encode(["", ""])
+    ctx = torch.zeros_like(noise) if b.in_context else None
+    den = UNetDenoiser(b.unet, 64, 64)
+    both = denoise(den, b.prediction, noise, [(empty, ctx), (cond, ctx)], s)
+    only = denoise(den, b.prediction, noise, [(cond, ctx)], s)
+    assert torch.allclose(both, only, atol=1e-4)
+
+
+class Recorder:
+    def __init__(self, inner):
+        self.inner, self.widths, self.batches = inner, set(), []
+
+    def __call__(self, x, t, text):
+        self.widths.add(x.shape[-1])
+        self.batches.append(x.shape[0])
+        return self.inner(x, t, text)
+
+
+def test_edit_runs_three_branches_on_double_width_and_crops_the_target(tiny_mobile):
+    b = tiny_mobile
+    sources = generate(b, PROMPTS, SamplerSettings(steps=2))
+    rec = Recorder(UNetDenoiser(b.unet, 64, 64))
+    out = edit(b, sources, ["make the circle blue", "remove the square"], SamplerSettings(steps=2), denoiser=rec)
+    assert out.shape == sources.shape
+    assert rec.widths == {32} and set(rec.batches) == {6}  # (target | source), 3 branches x 2 images
+
+
+def test_generation_on_an_in_context_model_puts_a_blank_beside_the_target(tiny_mobile):
+    rec = Recorder(UNetDenoiser(tiny_mobile.unet, 64, 64))
+    generate(tiny_mobile, PROMPTS, SamplerSettings(steps=2, cfg=2.0), denoiser=rec)
+    assert rec.widths == {32} and set(rec.batches) == {4}
+
+
+def test_bad_edit_inputs(tiny_server, tiny_mobile):
+    img = np.zeros((1, 64, 64, 3), np.uint8)
+    with pytest.raises(DreamliteError, match="in-context"):
+        edit(tiny_server, img, ["remove the circle"])
+    with pytest.raises(DreamliteError, match="64x64"):
+        edit(tiny_mobile, np.zeros((1, 48, 48, 3), np.uint8), ["remove the circle"])
+    with pytest.raises(DreamliteError, match="vocabulary"):
+        generate(tiny_mobile, ["a purple giraffe"])
+
+
+@pytest.mark.parametrize("which", ["tiny_server", "tiny_mobile"])
+def test_onnx_runtime_export_samples_the_same_images(which, request, tmp_path):
+    import onnxruntime as ort
+    from dreamlite.compress.quantize.export import export_onnx
+    from dreamlite.models.sampler import OrtDenoiser
+
+    b = request.getfixturevalue(which)
+    w = 32 if b.in_context else 16
+    path = export_onnx(b.unet, tmp_path / "unet.onnx", 4, (16, w), (64, 64), b.text.config.max_tokens)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s = SamplerSettings(steps=3, cfg=2.5)
+    noise = initial_noise((3, 48, 16, 16), 0)
+    cond, empty = b.text.encode(PROMPTS + ["a star"]), b.text.encode([""] * 3)
+    ctx = torch.zeros_like(noise) if b.in_context else None
+    branches = [(empty, ctx), (cond, ctx)]
+    torch_latents = denoise(UNetDenoiser(b.unet, 64, 64), b.prediction, noise, branches, s)
+    ort_latents = denoise(OrtDenoiser(session), b.prediction, noise, branches, s)  # 6 rows through batch-4 graph
+    assert torch.allclose(torch_latents, ort_latents, atol=1e-3)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from dreamlite.io import DreamliteError
+from dreamlite.models.teacher import EpsilonTask, t2i_batch
+from dreamlite.train import CHECKPOINT, TrainSettings, fit, lr_at
+
+from conftest import tiny_bundle
+
+
+def test_lr_schedule():
+    s = TrainSettings(steps=100, lr=1.0, warmup=10, decay="cosine", final_lr=0.1)
+    assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
+    assert lr_at(10, s) == pytest.approx(1.0) and lr_at(100, s) == pytest.approx(0.1)
+    assert lr_at(55, s) == pytest.approx(0.55)
+    assert lr_at(50, TrainSettings(steps=100, lr=1.0, warmup=0, decay="constant")) == 1.0
+
+
+def test_settings_reject_indivisible_batches():
+    with pytest.raises(ValueError, match="not divisible by accumulate"):
+        TrainSettings(steps=1, batch=6, accumulate=4)
+
+
+def _teacher(seed=0):
+    b = tiny_bundle("shapes-server", seed)
+    task = EpsilonTask(b.unet, b.text, b.codec)
+    return task, (lambda step: t2i_batch(7, step, 4, (48, 16, 16)))
+
+
+def _weights(task):
+    return {k: v.clone() for k, v in task.state_dict().items()}
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a, b = t2i_batch(7, 3, 4, (48, 16, 16)), t2i_batch(7, 3, 4, (48, 16, 16))
+    assert a["captions"] == b["captions"] and torch.equal(a["noise"], b["noise"]) and torch.equal(a["images"], b["images"])
+    assert not torch.equal(a["noise"], t2i_batch(7, 4, 4, (48, 16, 16))["noise"])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    s = TrainSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1)
+    task, batches = _teacher()
+    fit(task, batches, s, tmp_path / "straight", log=lambda m: None)
+    straight = _weights(task)
+
+    task, batches = _teacher()
+    fit(task, batches, s.model_copy(update={"steps": 2}), tmp_path / "split", log=lambda m: None)  # "killed" at 2
+    task, batches = _teacher()  # a fresh process: same init, then the checkpoint
+    fit(task, batches, s, tmp_path / "split", log=lambda m: None)
+    resumed = _weights(task)
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    rows = (tmp_path / "split" / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # the log has each step once
+    assert (tmp_path / "split" / "loss.png").stat().st_size > 1000
+
+
+class Exploding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (self.w * x).sum() * (float("nan") if x[0] > 2 else 1.0), {}
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    s = TrainSettings(steps=6, batch=1, checkpoint_every=2, log_every=1, warmup=0)
+    with pytest.raises(DreamliteError, match=f"loss is nan at step 3.*{CHECKPOINT}"):
+        fit(Exploding(), lambda step: {"x": torch.tensor([float(step)])}, s, tmp_path, log=lambda m: None)
+    assert (tmp_path / CHECKPOINT).is_file()
