@@ -229,7 +229,7 @@ def sample(model, prompt, size, out, steps, cfg, seed, scheduler, batch):
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import generate
     from .io import save_png
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, sampling=True)
     images = generate(bundle, list(prompt), _settings(bundle, steps, cfg, seed, scheduler, batch), size=size)
     for path, image in zip(_outputs(out, len(images)), images):
         save_png(path, image)
@@ -256,7 +256,7 @@ def edit(model, image_path, prompt, image_cfg, resize, out, steps, cfg, seed, sc
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import edit as run_edit
     from .io import load_image, save_png
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, sampling=True)
     image = load_image(image_path, size=bundle.image_size if resize else None)
     settings = _settings(bundle, steps, cfg, seed, scheduler, batch, image_cfg)
     save_png(out, run_edit(bundle, image[None], [prompt], settings)[0])
@@ -279,7 +279,7 @@ def bench_gen_cmd(model, out, n_per_tag, images_per_prompt, json_path, steps, cf
     """GenEval-style: sample every prompt into a GenEval folder, judge it."""
     from dreamlite.evaluation.model_bench import bench_gen
     from dreamlite.models.bundle import load_bundle
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, sampling=True)
     settings = _settings(bundle, steps, cfg, seed, scheduler, batch)
     with staged_dir(out) as work:
         summary = bench_gen(bundle, work, n_per_tag, images_per_prompt, settings, seed, track)
@@ -298,7 +298,7 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
     """ImgEdit-style: edit every source of a fresh edit set, judge it."""
     from dreamlite.evaluation.model_bench import bench_edit
     from dreamlite.models.bundle import load_bundle
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, sampling=True)
     settings = _settings(bundle, steps, cfg, seed, scheduler, batch, image_cfg)
     with staged_dir(out) as work:
         summary = bench_edit(bundle, work, n_per_type, settings, seed, track)

@@ -14,6 +14,7 @@ import numpy as np
 from dreamlite.io import identity_track, load_image, save_png, write_json, write_jsonl
 from .geneval import gen_prompts, judge_gen, write_gen_bench
 from .imgedit import judge_edit, read_edits, write_edit_bench
+from .preview import edit_sheet, gen_sheet
 
 
 def _batches(items: list, size: int):
@@ -37,6 +38,8 @@ def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, see
             save_png(out / f"{k:05d}" / "samples" / f"{s:04d}.png", image)
     seconds = time.perf_counter() - start
     results, summary = judge_gen(out, track)
+    prompts = {f"{k:05d}": p.prompt for k, (p, _) in enumerate(gen_prompts(n_per_tag, seed))}
+    gen_sheet(out, results, prompts).save(out / "grid.png")
     summary |= {"steps": settings.steps, "cfg": settings.cfg, "seed": seed,
                 "images_per_s": round(len(jobs) / seconds, 2)}
     write_jsonl(out / "results.jsonl", results)
@@ -60,6 +63,7 @@ def bench_edit(bundle, out, n_per_type: int, settings, seed: int, track=identity
             save_png(out / "edited" / f"{r['id']}.png", image)
     seconds = time.perf_counter() - start
     results, summary = judge_edit(out / "edits.jsonl", out / "edited", track)
+    edit_sheet(out, results, {r["id"]: r for r in records}).save(out / "grid.png")
     summary |= {"steps": settings.steps, "cfg": settings.cfg, "image_cfg": settings.image_cfg, "seed": seed,
                 "images_per_s": round(len(records) / seconds, 2)}
     write_jsonl(out / "results.jsonl", results)

@@ -55,3 +55,36 @@ def preview(seed: int = 0, size: int = 64, per_tag: int = 3, per_type: int = 1, 
                       _cell(render(rec.target, size), f"-> {rec.prompt}", scale, chars)]
     rows += [pairs[i:i + 2 * per_tag] for i in range(0, len(pairs), 2 * per_tag)]  # per_tag edit pairs a row
     return _grid(rows)
+
+
+def gen_sheet(folder, results: list[dict], prompts: dict[str, str], per_tag: int = 4, scale: int = 2) -> Image.Image:
+    """The first sample of the first ``per_tag`` prompts of each tag in a judged GenEval folder, captioned with the
+    prompt and the judge's verdict."""
+    from dreamlite.io import load_image
+
+    chars = 64 * scale // 6
+    by_tag: dict[str, list[dict]] = {}
+    for r in results:
+        if r["filename"] == "0000.png" and len(by_tag.setdefault(r["tag"], [])) < per_tag:
+            by_tag[r["tag"]].append(r)
+    rows = [[_cell(load_image(f"{folder}/{r['folder']}/samples/0000.png"),
+                   f"{'ok' if r['correct'] else 'NO'}: {prompts[r['folder']]}", scale, chars) for r in by_tag[t]]
+            for t in GEN_TAGS if t in by_tag]
+    return _grid(rows)
+
+
+def edit_sheet(folder, results: list[dict], records: dict, per_row: int = 3, scale: int = 2) -> Image.Image:
+    """Source -> edited pairs, one per edit type, captioned with the instruction and the judge's score."""
+    from dreamlite.io import load_image
+
+    chars = 64 * scale // 6
+    cells, seen = [], set()
+    for r in results:
+        if r["edit_type"] in seen:
+            continue
+        seen.add(r["edit_type"])
+        rec = records[r["id"]]
+        cells += [_cell(load_image(f"{folder}/{rec['source']}"), f"source ({r['edit_type']})", scale, chars),
+                  _cell(load_image(f"{folder}/edited/{r['id']}.png"), f"{r['overall']:.1f}: {rec['prompt']}", scale,
+                        chars)]
+    return _grid([cells[i:i + 2 * per_row] for i in range(0, len(cells), 2 * per_row)])

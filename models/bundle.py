@@ -109,11 +109,15 @@ def load_unet(folder: Path, device="cpu", meta: bool = False) -> nn.Module:
 ZOO = Path(__file__).parent / "zoo"
 
 
-def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0) -> Bundle:
+def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0, sampling: bool = False) -> Bundle:
     """A preset name, ``zoo:NAME`` (a model shipped in models/zoo), a model folder, a pipeline folder, or
-    ``PRESET:FILE.safetensors``."""
+    ``PRESET:FILE.safetensors``. With ``sampling``, a preset that cannot sample (no text encoder or codec in this
+    project) is refused before its weights are allocated."""
     if spec.startswith("zoo:"):
         spec = str(inside(ZOO, spec[4:], "model"))
+    if sampling and spec in PRESETS and PRESETS[spec].text == "external":
+        raise DreamliteError(f"{spec}: sampling needs a text encoder and a codec beside the U-Net; pass a model "
+                             "folder that has them (a bare preset can only be inspected or pruned)")
     if spec in PRESETS:
         return from_preset(spec, "meta" if meta else device, seed)
     if ":" in spec and spec.split(":", 1)[0] in PRESETS:

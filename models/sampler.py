@@ -195,12 +195,12 @@ def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings 
                              f"{type(b.unet).__name__} without in-context width")
     if sources.shape[1:3] != (b.image_size, b.image_size):
         raise DreamliteError(f"image: {sources.shape[2]}x{sources.shape[1]} px, the model edits "
-                             f"{b.image_size}x{b.image_size} images (resize it first)")
+                             f"{b.image_size}x{b.image_size} images (resize it first, or pass --resize to dreamlite edit)")
     denoiser = denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size)
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]
-        src = torch.from_numpy(np.ascontiguousarray(sources[k:k + s.batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        src = torch.from_numpy(np.array(sources[k:k + s.batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
         src_latent = b.codec.encode(src)
         noise = initial_noise(tuple(src_latent.shape), s.seed, first_index + k)
         latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s)

@@ -4,7 +4,8 @@ from click.testing import CliRunner
 from dreamlite.cli import main
 
 COMMANDS = [[], ["run"], ["world"], ["world", "gen-bench"], ["world", "edit-bench"], ["world", "preview"], ["judge"],
-            ["judge", "gen"], ["judge", "edit"]]
+            ["judge", "gen"], ["judge", "edit"], ["info"], ["sample"], ["edit"], ["bench"], ["bench", "gen"],
+            ["bench", "edit"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "dreamlite")

@@ -85,3 +85,26 @@ def test_same_seed_same_report(tmp_path):
     assert strip(a) == strip(b)
     assert (tmp_path / "a/01-gen/geneval/00003/samples/0000.png").read_bytes() == \
         (tmp_path / "b/01-gen/geneval/00003/samples/0000.png").read_bytes()
+
+
+def test_teacher_training_then_bench_then_judge(tmp_path):
+    data = {"name": "teach", "seed": 1, "stages": [
+        {"kind": "train-teacher", "name": "teacher", "save_dtype": "fp32",
+         "train": {"steps": 2, "batch": 2, "warmup": 1, "log_every": 1, "checkpoint_every": 1}},
+        {"kind": "bench", "name": "bench", "bench": "gen", "input": "teacher", "n": 1, "images_per_prompt": 1,
+         "steps": 2},
+        {"kind": "judge", "name": "rejudge", "input": "bench"},
+    ]}
+    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    teacher, bench, rejudge = (s["metrics"] for s in report["stages"])
+    assert teacher["steps"] == 2 and teacher["parameters"] > 1e6
+    from diffusers import UNet2DConditionModel
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "run/01-teacher/model").config.in_channels == 48
+    assert bench["images"] == 6 and rejudge["overall"] == bench["overall"]
+    assert (tmp_path / "run/02-bench/geneval/grid.png").is_file()
+
+
+def test_bench_needs_exactly_one_model(tmp_path):
+    data = {"name": "b", "stages": [{"kind": "bench", "bench": "gen"}]}
+    with pytest.raises(DreamliteError, match="exactly one of input"):
+        load_recipe(write(tmp_path, data))

@@ -71,7 +71,7 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import default_settings
 
-    bundle = load_bundle(str(ctx.input(cfg.input) / "model") if cfg.input else cfg.model)
+    bundle = load_bundle(str(ctx.input(cfg.input) / "model") if cfg.input else cfg.model, sampling=True)
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
     for k in ("steps", "cfg", "image_cfg"):
