@@ -6,6 +6,7 @@ PACKAGES = {
     "dreamlite": "dreamlite",
     "dreamlite.stages": "dreamlite/stages",
     "dreamlite.compress": "compress",
+    "dreamlite.compress.quantize": "compress/quantize",
     "dreamlite.models": "models",
     "dreamlite.evaluation": "evaluation",
     "dreamlite.evaluation.shapes": "evaluation/shapes",
@@ -18,6 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # the shipped shapes teacher (models/zoo/<name>/...), so `zoo:shapes-server` resolves in a regular install too
+    package_data={"dreamlite.models": ["zoo/*/*.json", "zoo/*/*.md", "zoo/*/*.safetensors", "zoo/*/*/*"]},
     install_requires=[
         "torch",
         "numpy>=1.24",
@@ -31,6 +34,9 @@ setup(
         "diffusers==0.42.1",
         "accelerate>=1.0",
         "matplotlib>=3.7",
+        "onnx>=1.16",
+        "onnxscript>=0.2",
+        "onnxruntime>=1.20",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},

@@ -54,11 +54,10 @@ def sample_rate(model: str, images: int, steps: int, bf16=False, **opts) -> floa
     b = load_bundle(model, sampling=True)
     b.unet = prepare(b.unet, **opts)
     prompts = ["a red circle and a blue star", "three squares"] * (images // 2)
-    s = SamplerSettings(steps=steps, cfg=5.0, batch=images)
+    s = SamplerSettings(steps=steps, cfg=5.0, batch=images, precision="bf16" if bf16 else "fp32")
     generate(b, prompts[:2], SamplerSettings(steps=2, batch=2))  # warm-up (and compile)
     start = time.perf_counter()
-    with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
-        generate(b, prompts, s)
+    generate(b, prompts, s)
     return images / (time.perf_counter() - start)
 
 

@@ -101,7 +101,8 @@ def load_unet(folder: Path, device="cpu", meta: bool = False) -> nn.Module:
         hint = f" (found {found[0]}: dreamlite never unpickles; convert it to safetensors)" if found else ""
         raise DreamliteError(f"{folder}: no {WEIGHTS}{hint}")
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=True).to(device).eval()
+        model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
+        return model.to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise DreamliteError(f"{folder}: cannot load the U-Net ({str(e).splitlines()[0]})") from None
 

@@ -36,6 +36,7 @@ class SamplerSettings:
     seed: int = 0
     scheduler: Literal["ddim", "euler"] = "ddim"  # for epsilon models; flow models always use flow-matching Euler
     batch: int = 16  # images per denoiser batch (before guidance branches)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for torch denoisers
 
     def check(self) -> "SamplerSettings":
         if self.steps < 1:
@@ -50,7 +51,7 @@ def default_settings(b: Bundle) -> SamplerSettings:
     steps, guidance 5; flow models 28 Euler steps, guidance 3.5 (DreamLite's base model)."""
     base = SamplerSettings(steps=50, cfg=5.0) if b.prediction == "epsilon" else SamplerSettings(steps=28, cfg=3.5)
     for k, v in (b.meta.get("sampler") or {}).items():
-        if k in ("steps", "cfg", "image_cfg", "scheduler"):
+        if k in ("steps", "cfg", "image_cfg", "scheduler", "precision"):
             setattr(base, k, v)
     return base
 
@@ -58,15 +59,17 @@ def default_settings(b: Bundle) -> SamplerSettings:
 class UNetDenoiser:
     """A diffusers U-Net as a denoiser; ``height`` x ``width`` is the target image size in pixels (time ids)."""
 
-    def __init__(self, unet, height: int, width: int):
+    def __init__(self, unet, height: int, width: int, precision: str = "fp32"):
         self.unet, self.height, self.width = unet, height, width
         self.config = dict(unet.config)
         self.dtype = next(unet.parameters()).dtype
+        self.bf16 = precision == "bf16"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextStates) -> torch.Tensor:
         text = TextStates(text.states.to(self.dtype), text.pooled.to(self.dtype))
-        out = self.unet(x.to(self.dtype), t, **unet_inputs(self.config, text, self.height, self.width)).sample
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+            out = self.unet(x.to(self.dtype), t, **unet_inputs(self.config, text, self.height, self.width)).sample
         return out.float()
 
 
@@ -174,7 +177,7 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
     _check(b)
     s.check()
     size = size or b.image_size
-    denoiser = denoiser or UNetDenoiser(b.unet, size, size)
+    denoiser = denoiser or UNetDenoiser(b.unet, size, size, s.precision)
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]
@@ -196,7 +199,7 @@ def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings 
     if sources.shape[1:3] != (b.image_size, b.image_size):
         raise DreamliteError(f"image: {sources.shape[2]}x{sources.shape[1]} px, the model edits "
                              f"{b.image_size}x{b.image_size} images (resize it first, or pass --resize to dreamlite edit)")
-    denoiser = denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size)
+    denoiser = denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size, s.precision)
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]

@@ -53,6 +53,7 @@ class BenchStage(StageConfig):
     cfg: float | None = Field(None, ge=0)
     image_cfg: float | None = Field(None, ge=0)
     scheduler: Literal["ddim", "euler"] = "ddim"
+    precision: Literal["fp32", "bf16"] | None = None
     batch: int = Field(16, ge=1)
 
     @model_validator(mode="after")
@@ -74,7 +75,7 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     bundle = load_bundle(str(ctx.input(cfg.input) / "model") if cfg.input else cfg.model, sampling=True)
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
-    for k in ("steps", "cfg", "image_cfg"):
+    for k in ("steps", "cfg", "image_cfg", "precision"):
         if getattr(cfg, k) is not None:
             setattr(s, k, getattr(cfg, k))
     s.check()
