@@ -4,11 +4,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dreamlite.io import DreamliteError, write_json
 from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
+
+
+class SamplerDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(50, ge=1)
+    cfg: float = Field(5.0, ge=0)
+    scheduler: Literal["ddim", "euler"] = "ddim"
 
 
 class TrainTeacherStage(StageConfig):
@@ -18,6 +25,7 @@ class TrainTeacherStage(StageConfig):
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of empty captions, for guidance")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weight (null = plain MSE)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
+    sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
 
 @stage(TrainTeacherStage)
@@ -37,8 +45,9 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     summary = fit(task, batches, cfg.train, ctx.dir / "train", ctx.track, ctx.log, description="teacher")
     if cfg.save_dtype == "fp16":
         bundle.unet.to(torch.float16)
+    extra = {"sampler": cfg.sampler.model_dump()} if cfg.sampler else {}
     bundle.save_pretrained(ctx.dir / "model", stage="train-teacher", trained_steps=cfg.train.steps,
-                           samples_seen=cfg.train.steps * cfg.train.batch)
+                           samples_seen=cfg.train.steps * cfg.train.batch, **extra)
     return {**summary, "parameters": sum(p.numel() for p in bundle.unet.parameters())}
 
 

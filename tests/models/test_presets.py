@@ -25,6 +25,13 @@ def test_mobile_is_the_dreamlite_layout_at_a_sixth_of_the_server():
     assert server.unet.config.addition_embed_type == "text_time" and server.prediction == "epsilon"
 
 
+@pytest.mark.parametrize("name", ["shapes-server", "shapes-mobile"])
+def test_first_stage_is_wide_enough_to_carry_the_noise(name):
+    # An epsilon / velocity predictor must pass every latent channel's noise through stage 1.
+    config = PRESETS[name].config
+    assert config["block_out_channels"][0] >= config["in_channels"]
+
+
 def test_footprint_of_the_real_models_counts_macs_on_meta():
     sdxl = footprint(load_bundle("sdxl", meta=True))
     lite = footprint(load_bundle("dreamlite-0.39b", meta=True))

@@ -1,0 +1,135 @@
+"""The generic width-pruning API on other models (tiny configs): 50% width, forward runs, save and reload without
+pickle give identical outputs."""
+import pytest
+import torch
+
+from dreamlite.compress.prune import CRITERIA, load_pruned, prune_width, save_pruned
+from dreamlite.io import DreamliteError
+
+
+def _unet_inputs(cross, text_time=False):
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10.0, 500.0]),
+              "encoder_hidden_states": torch.randn(2, 5, cross)}
+    if text_time:
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 16), "time_ids": torch.randn(2, 6)}
+    return inputs
+
+
+def sd15():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=8, block_out_channels=[16, 32, 32, 32], layers_per_block=1,
+                                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=2,
+                                cross_attention_dim=8, norm_num_groups=4), _unet_inputs(8)
+
+
+def sd21():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=8, block_out_channels=[16, 32, 32, 32], layers_per_block=1,
+                                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=[1, 2, 2, 2],
+                                cross_attention_dim=8, norm_num_groups=4, use_linear_projection=True,
+                                upcast_attention=True), _unet_inputs(8)
+
+
+def sdxl():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=8, block_out_channels=[16, 32, 32], layers_per_block=1,
+                                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                                transformer_layers_per_block=[1, 1, 2], attention_head_dim=[1, 2, 2],
+                                cross_attention_dim=8, use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 24,
+                                norm_num_groups=4), _unet_inputs(8, text_time=True)
+
+
+def unet2d():
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8), {"sample": torch.randn(2, 3, 8, 8),
+                                                                   "timestep": torch.tensor([3.0, 7.0])}
+
+
+def vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1), {"sample": torch.randn(2, 3, 16, 16), "sample_posterior": False}
+
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 3)), (torch.randn(4, 6),)
+
+
+def _out(model, inputs):
+    from dreamlite.compress.prune.width import _forward_fn
+    with torch.no_grad():
+        return _forward_fn(model, inputs)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("make", [sd15, sd21, sdxl, unet2d, vae], ids=lambda f: f.__name__)
+def test_half_width_then_reload_gives_identical_outputs(make, tmp_path):
+    torch.manual_seed(0)
+    model, inputs = make()
+    model.eval()
+    before, shape = _params(model), _out(model, inputs).shape
+    history = prune_width(model, 0.5, inputs)
+    out = _out(model, inputs)
+    assert out.shape == shape  # interface layers keep their width
+    assert 0.2 < _params(model) / before < 0.4  # ~ a quarter of the weights left at half width
+    save_pruned(model, history, tmp_path / "p")
+    assert not list(tmp_path.glob("p/*.bin")) and not list(tmp_path.glob("p/*.pt"))
+    reloaded = load_pruned(tmp_path / "p", inputs)
+    assert torch.equal(_out(reloaded, inputs), out)
+
+
+def test_any_module_with_its_base_model(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = mlp()
+    history = prune_width(model, 0.5, inputs, importance="magnitude",
+                          plan=__import__("dreamlite.compress.prune", fromlist=["WidthPlan"]).WidthPlan(
+                              ignored=[model[4]]))
+    assert model[0].out_features == 16 and model[4].out_features == 3
+    save_pruned(model, history, tmp_path / "p")
+    with pytest.raises(DreamliteError, match="pass the base model"):
+        load_pruned(tmp_path / "p", inputs)
+    torch.manual_seed(1)
+    base, _ = mlp()
+    assert torch.equal(_out(load_pruned(tmp_path / "p", inputs, base), inputs), _out(model, inputs))
+
+
+@pytest.mark.parametrize("importance", CRITERIA)
+def test_every_criterion_prunes(importance):
+    torch.manual_seed(0)
+    model, inputs = sdxl()
+    loop = lambda m: m(**inputs).sample.pow(2).mean()  # noqa: E731
+    prune_width(model, 0.25, inputs, importance, calibration=loop)
+    assert _out(model, inputs).shape == (2, 4, 8, 8)
+
+
+def test_criteria_choose_differently():
+    picks = {}
+    for importance in ("magnitude", "random"):
+        torch.manual_seed(0)
+        model, inputs = mlp()
+        prune_width(model, 0.5, inputs, importance)
+        picks[importance] = model[0].weight.detach().clone()
+    assert not torch.equal(picks["magnitude"], picks["random"])
+
+
+def test_bad_input():
+    model, inputs = mlp()
+    with pytest.raises(DreamliteError, match="ratio 1.5"):
+        prune_width(model, 1.5, inputs)
+    with pytest.raises(DreamliteError, match="unknown criterion 'psychic'"):
+        prune_width(model, 0.5, inputs, importance="psychic")
+    with pytest.raises(DreamliteError, match="needs calibration batches"):
+        prune_width(model, 0.5, inputs, importance="taylor")
+    with pytest.raises(DreamliteError, match="Sequential: cannot trace"):
+        prune_width(model, 0.5, (torch.randn(4, 7),))
