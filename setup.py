@@ -40,6 +40,6 @@ setup(
         "onnxruntime>=1.20",
         "torch-pruning==1.6.1",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "transformers>=4.40"]},
     entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},
 )

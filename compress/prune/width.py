@@ -33,14 +33,25 @@ class WidthPlan:
     num_heads: dict = field(default_factory=dict)  # attention q/k/v linears -> head count (heads are kept)
 
 
-def diffusers_plan(model: nn.Module) -> WidthPlan:
-    """GEGLU halves, attention heads, and the interface layers of diffusers models (conv_out, the VAE's latent
-    convolutions, the last projection) that must keep their width."""
+def _library(model: nn.Module) -> str | None:
+    root = type(model).__module__.split(".")[0]
+    return root if root in ("diffusers", "transformers") else None
+
+
+def default_plan(model: nn.Module) -> WidthPlan:
+    """GEGLU halves, attention heads (diffusers ``Attention``; transformers attention with q/k/v projections and
+    ``num_heads``), and the interface layers of diffusers models (conv_out, the VAE's latent convolutions, the last
+    projection) that must keep their width."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention_processor import Attention
 
     plan = WidthPlan()
     for name, module in model.named_modules():
+        heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+        if isinstance(heads, int) and all(isinstance(getattr(module, k, None), nn.Linear)
+                                          for k in ("q_proj", "k_proj", "v_proj")):
+            for lin in (module.q_proj, module.k_proj, module.v_proj):
+                plan.num_heads[lin] = heads
         if isinstance(module, GEGLU):
             plan.out_channel_groups[module.proj] = 2
         if isinstance(module, Attention):
@@ -51,11 +62,18 @@ def diffusers_plan(model: nn.Module) -> WidthPlan:
     return plan
 
 
-def sync_diffusers(model: nn.Module) -> None:
-    """Write the pruned widths back into the Python ints diffusers modules cache (and assert on in forward)."""
+def sync_widths(model: nn.Module) -> None:
+    """Write the pruned widths back into the Python ints that diffusers and transformers modules cache (and assert
+    on, or reshape with, in forward). Head counts are kept, head dims shrink."""
     from diffusers.models.attention_processor import Attention
 
     for module in model.modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int) and isinstance(getattr(module, "q_proj", None), nn.Linear) \
+                and hasattr(module, "head_dim"):
+            module.head_dim = module.q_proj.out_features // heads
+            if hasattr(module, "embed_dim"):
+                module.embed_dim = module.q_proj.in_features
         conv = getattr(module, "conv", None)
         if hasattr(module, "channels") and isinstance(conv, nn.Conv2d):  # Downsample2D / Upsample2D
             module.channels, module.out_channels = conv.in_channels, conv.out_channels
@@ -73,24 +91,27 @@ def sync_diffusers(model: nn.Module) -> None:
             module.inner_dim = module.proj_in.out_features
 
 
-def _forward_fn(model, inputs):
-    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, (tuple, list)) \
-        else model(inputs)
-    return _first_tensor(out)
+def run(model, inputs):
+    """Call ``model`` with example inputs given as a tensor, a tuple of arguments or a dict of keyword arguments."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
-def _first_tensor(out):
+def tensors(out) -> list[torch.Tensor]:
+    """Every floating-point tensor in a model output (tensor, tuple, dict or diffusers/transformers output)."""
     if torch.is_tensor(out):
-        return out
+        return [out] if out.is_floating_point() else []
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
     if isinstance(out, dict):
         out = list(out.values())
-    for item in out:
-        t = _first_tensor(item)
-        if t is not None:
-            return t
-    return None
+    return [t for item in (out if isinstance(out, (tuple, list)) else []) for t in tensors(item)]
+
+
+def _forward_fn(model, inputs):
+    # Every output tensor, so branches such as a pooler are traced too.
+    return tensors(run(model, inputs))
 
 
 def _dependency_graph(model: nn.Module, inputs, plan: WidthPlan):
@@ -115,8 +136,7 @@ def prune_width(model: nn.Module, ratio: float, inputs, importance: str = "magni
 
     if not 0 < ratio < 1:
         raise DreamliteError(f"width: ratio {ratio} must be between 0 and 1 (the fraction of channels removed)")
-    is_diffusers = type(model).__module__.startswith("diffusers")
-    plan = plan or (diffusers_plan(model) if is_diffusers else WidthPlan())
+    plan = plan or default_plan(model)
     model.eval()
     imp = make_importance(importance)
     try:
@@ -132,19 +152,21 @@ def prune_width(model: nn.Module, ratio: float, inputs, importance: str = "magni
     calibrate(importance, imp, model, calibration)
     pruner.step()
     model.zero_grad(set_to_none=True)
-    if is_diffusers:
-        sync_diffusers(model)
+    sync_widths(model)
     return pruner.pruning_history()
 
 
 def save_pruned(model: nn.Module, history: list, folder, base: dict | None = None) -> Path:
-    """``folder/pruned.safetensors`` + ``folder/pruning.json`` (history and, for diffusers models, the base class and
-    config so ``load_pruned(folder)`` needs nothing else). No pickle anywhere."""
+    """``folder/pruned.safetensors`` + ``folder/pruning.json`` (history and, for diffusers and transformers models,
+    the base class and config, so ``load_pruned(folder, inputs)`` needs nothing else). No pickle anywhere."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if base is None and hasattr(model, "config") and type(model).__module__.startswith("diffusers"):
-        base = {"class": type(model).__name__, "config": {k: v for k, v in dict(model.config).items()
-                                                          if not k.startswith("_")}}
+    lib = _library(model)
+    if base is None and lib == "diffusers":
+        base = {"library": lib, "class": type(model).__name__,
+                "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
+    elif base is None and lib == "transformers":
+        base = {"library": lib, "class": type(model).__name__, "config": model.config.to_dict()}
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_path(folder / RECORD) as tmp:
@@ -155,23 +177,30 @@ def save_pruned(model: nn.Module, history: list, folder, base: dict | None = Non
 def load_pruned(folder, inputs, base_model: nn.Module | None = None) -> nn.Module:
     """Rebuild the base model (from ``base_model`` or the recorded diffusers class and config), replay the recorded
     pruning on it, and load the pruned weights (strictly)."""
-    import diffusers
-
     folder = Path(folder)
     record = read_json(folder / RECORD)
-    if base_model is None:
-        base = record.get("base") or {}
-        name = base.get("class")
-        if not name or not hasattr(diffusers, name):
-            raise DreamliteError(f"{folder / RECORD}: no diffusers base recorded; pass the base model to rebuild")
-        base_model = getattr(diffusers, name).from_config(base["config"])
-    model = base_model.eval()
+    model = (base_model if base_model is not None else _rebuild(record.get("base") or {}, folder / RECORD)).eval()
     graph = _dependency_graph(model, inputs, WidthPlan())
     graph.load_pruning_history(record["history"])
-    if type(model).__module__.startswith("diffusers"):
-        sync_diffusers(model)
+    sync_widths(model)
     missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise DreamliteError(f"{folder / WEIGHTS}: does not match the replayed model ({len(missing)} missing, "
                              f"{len(unexpected)} unexpected tensors)")
     return model
+
+
+def _rebuild(base: dict, where: Path) -> nn.Module:
+    """The recorded base model: a diffusers or transformers class (looked up by name in that library only)."""
+    lib, name = base.get("library"), base.get("class")
+    if lib == "diffusers":
+        import diffusers
+        cls = getattr(diffusers, str(name), None)
+        if cls is not None and hasattr(cls, "from_config"):
+            return cls.from_config(base["config"])
+    if lib == "transformers":
+        import transformers
+        cls = getattr(transformers, str(name), None)
+        if cls is not None and hasattr(cls, "config_class"):
+            return cls(cls.config_class.from_dict(base["config"]))
+    raise DreamliteError(f"{where}: no diffusers or transformers base recorded; pass the base model to rebuild")
