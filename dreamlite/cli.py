@@ -309,5 +309,24 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
     _print_edit(summary)
 
 
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(file_okay=False),
+              help="A diffusers model folder (any diffusers model class with config.json + safetensors).")
+@click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True,
+              help="Fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default="magnitude",
+              show_default=True, help="Which channels go (taylor / activation run --calib random batches).")
+@click.option("--calib", type=click.IntRange(1), default=4, show_default=True, help="Calibration batches.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+def prune(teacher, width, importance, calib, seed, out):
+    """Generic channel pruning of a diffusers model folder; OUT reloads with dreamlite.compress.prune.load_pruned."""
+    from dreamlite.compress.prune.generic import prune_folder
+    with staged_dir(out) as work:
+        report = prune_folder(teacher, work, keep=width, importance=importance, calib=calib, seed=seed)
+    console.print(f"{report['class']}: {report['parameters_before']:,} -> {report['parameters_after']:,} parameters "
+                  f"-> {out}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -148,3 +148,25 @@ def test_bad_input():
         prune_width(model, 0.5, inputs, importance="taylor")
     with pytest.raises(DreamliteError, match="Sequential: cannot trace"):
         prune_width(model, 0.5, (torch.randn(4, 7),))
+
+
+def test_prune_cli_on_a_diffusers_folder(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from dreamlite.cli import main
+    from dreamlite.compress.prune.generic import example_inputs, reload
+    from dreamlite.compress.prune.width import run
+
+    torch.manual_seed(0)
+    model, _ = sdxl()
+    model.save_pretrained(tmp_path / "teacher")
+    r = CliRunner().invoke(main, ["prune", "--teacher", str(tmp_path / "teacher"), "--width", "0.5", "--importance",
+                                  "taylor", "--out", str(tmp_path / "half")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "half" / "dreamlite.json").read_text())
+    assert report["parameters_after"] < 0.4 * report["parameters_before"] and report["relative_output_deviation"] > 0
+    pruned = reload(tmp_path / "half")
+    inputs = example_inputs(pruned, 1, torch.Generator().manual_seed(3))
+    assert run(pruned, inputs).sample.shape == (1, 4, 8, 8)
+    r = CliRunner().invoke(main, ["prune", "--teacher", str(tmp_path), "--width", "0.5", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "not a diffusers model folder" in r.output and not (tmp_path / "x").exists()
