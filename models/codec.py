@@ -25,6 +25,8 @@ class Codec(Protocol):
 class PixelUnshuffleCodec:
     """Space-to-depth: every ``f x f`` patch becomes ``3 f^2`` channels (64x64x3 <-> 48x16x16 at f = 4). Exact."""
 
+    bounded = True  # latents are pixels in [-1, 1]
+
     def __init__(self, factor: int = 4):
         self.factor = factor
         self.channels = 3 * factor * factor
@@ -42,6 +44,8 @@ class PixelUnshuffleCodec:
 class VAECodec:
     """A diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` from a local folder; latents are scaled (and shifted)
     by the VAE's own config so the U-Net sees unit-variance inputs."""
+
+    bounded = False
 
     def __init__(self, folder, dtype: torch.dtype = torch.float32):
         import diffusers

@@ -10,7 +10,7 @@ DDIM (or Euler) for epsilon prediction, flow-matching Euler for flow models.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -37,6 +37,7 @@ class SamplerSettings:
     scheduler: Literal["ddim", "euler"] = "ddim"  # for epsilon models; flow models always use flow-matching Euler
     batch: int = 16  # images per denoiser batch (before guidance branches)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for torch denoisers
+    clip: bool | None = None  # DDIM: clip predicted clean latents to [-1, 1]; None = when the codec is bounded
 
     def check(self) -> "SamplerSettings":
         if self.steps < 1:
@@ -97,16 +98,18 @@ class OrtDenoiser:
         return torch.cat(outs)
 
 
-def make_scheduler(prediction: str, steps: int, kind: str = "ddim"):
+def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
     (the DreamLite mobile pipeline) for flow models; DDIM or Euler on SDXL's schedule (trailing spacing, so the
-    first step starts from pure noise) for epsilon models."""
+    first step starts from pure noise) for epsilon models. ``clip``: DDIM clips its clean-latent estimate to
+    [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are bounded, like pixel-unshuffle)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
         return s
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
-    s = cls.from_config({**SDXL_SCHEDULE, "timestep_spacing": "trailing"})
+    extra = {"clip_sample": True, "clip_sample_range": 1.0} if clip and kind == "ddim" else {}
+    s = cls.from_config({**SDXL_SCHEDULE, "timestep_spacing": "trailing", **extra})
     s.set_timesteps(steps)
     return s
 
@@ -133,7 +136,7 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
             s: SamplerSettings) -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w); ``branches`` are (text, context) pairs with context a
     (B, C, h, w) latent placed beside the target, or None for a model without in-context width."""
-    sched = make_scheduler(prediction, s.steps, s.scheduler)
+    sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip))
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     width = noise.shape[-1]
     text = TextStates.cat([t for t, _ in branches])
@@ -164,18 +167,19 @@ def _latent_like(b: Bundle, n: int, size: int | None = None) -> torch.Tensor:
     return torch.empty(n, b.unet.config.in_channels, h, h)
 
 
-def _check(b: Bundle):
+def _check(b: Bundle, s: SamplerSettings) -> SamplerSettings:
     if b.text is None or b.codec is None:
         raise DreamliteError(f"{b.name}: sampling needs a text encoder and a codec beside the U-Net "
                              "(a preset without them can only be inspected)")
+    s.check()
+    return replace(s, clip=getattr(b.codec, "bounded", False) if s.clip is None else s.clip)
 
 
 @torch.no_grad()
 def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings(), size: int | None = None,
              denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
     """Text-to-image: uint8 (B, H, W, 3); image i uses seed ``s.seed + first_index + i``."""
-    _check(b)
-    s.check()
+    s = _check(b, s)
     size = size or b.image_size
     denoiser = denoiser or UNetDenoiser(b.unet, size, size, s.precision)
     out = []
@@ -191,8 +195,7 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
 def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings = SamplerSettings(),
          denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
     """Instruction editing of uint8 images (B, H, W, 3) of the model's size -> uint8 (B, H, W, 3)."""
-    _check(b)
-    s.check()
+    s = _check(b, s)
     if not b.in_context:
         raise DreamliteError(f"{b.name}: editing needs an in-context model (DreamLite layout); this one is "
                              f"{type(b.unet).__name__} without in-context width")
