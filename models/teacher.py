@@ -32,7 +32,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Gen
 def t2i_batch(seed: int, step: int, batch: int, latent_shape: tuple[int, int, int], caption_dropout: float = 0.1,
               size: int = 64, timesteps: int = 1000) -> dict:
     """The global text-to-image batch of ``step``: images (B, 3, H, W) in [-1, 1], captions ('' when dropped),
-    noise (B, C, h, w) and integer timesteps (B,)."""
+    noise (B, C, h, w), integer timesteps (B,) and a per-image colour offset (B, 3, 1, 1) for offset noise."""
     rng, gen = step_generator(seed, step)
     images, captions = [], []
     for _ in range(batch):
@@ -41,20 +41,34 @@ def t2i_batch(seed: int, step: int, batch: int, latent_shape: tuple[int, int, in
         captions.append("" if rng.random() < caption_dropout else caption)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     return {"images": x, "captions": captions, "noise": torch.randn((batch, *latent_shape), generator=gen),
-            "timesteps": torch.randint(0, timesteps, (batch,), generator=gen)}
+            "timesteps": torch.randint(0, timesteps, (batch,), generator=gen),
+            "offset": torch.randn((batch, 3, 1, 1), generator=gen)}
+
+
+def offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float, codec: Codec,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023, used for SDXL): add ``strength`` x a per-image constant colour, taken through
+    the codec, so the model learns to move an image's mean colour: without it the scaled-linear schedule's non-zero
+    terminal SNR leaks the mean colour into training inputs and sampling from pure noise stays grey."""
+    if not strength:
+        return noise
+    return noise + strength * codec.encode(offset.expand(-1, -1, *size))
 
 
 class EpsilonTask(nn.Module):
     """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0,
+                 noise_offset: float = 0.0):
         super().__init__()
         self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
         self.schedule = DDPMScheduler.from_config(SDXL_SCHEDULE)
-        self.snr_gamma = snr_gamma
+        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
 
-    def forward(self, images, captions, noise, timesteps):
+    def forward(self, images, captions, noise, timesteps, offset=None):
         latents = self.codec.encode(images)
+        if offset is not None:
+            noise = offset_noise(noise, offset, self.noise_offset, self.codec, images.shape[-2:])
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         text = self.text_encoder.encode(captions)
         h, w = images.shape[-2:]

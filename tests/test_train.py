@@ -68,3 +68,13 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     with pytest.raises(DreamliteError, match=f"loss is nan at step 3.*{CHECKPOINT}"):
         fit(Exploding(), lambda step: {"x": torch.tensor([float(step)])}, s, tmp_path, log=lambda m: None)
     assert (tmp_path / CHECKPOINT).is_file()
+
+
+def test_offset_noise_shifts_each_image_by_one_colour():
+    from dreamlite.models.codec import PixelUnshuffleCodec
+    from dreamlite.models.teacher import offset_noise
+    codec = PixelUnshuffleCodec()
+    noise, offset = torch.zeros(2, 48, 16, 16), torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1).repeat(2, 1, 1, 1)
+    image = codec.decode(offset_noise(noise, offset, 0.1, codec, (64, 64)))
+    assert torch.allclose(image[:, 0], torch.full((2, 64, 64), 0.1)) and torch.allclose(image[:, 1], torch.tensor(-0.2))
+    assert torch.equal(offset_noise(noise, offset, 0.0, codec, (64, 64)), noise)

@@ -24,6 +24,7 @@ class TrainTeacherStage(StageConfig):
     train: TrainSettings
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of empty captions, for guidance")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weight (null = plain MSE)")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
@@ -36,7 +37,7 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     bundle = from_preset(cfg.preset, seed=ctx.seed)
     if bundle.prediction != "epsilon" or bundle.in_context:
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
-    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma)
+    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:
