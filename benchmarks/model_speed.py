@@ -1,7 +1,7 @@
 """Teacher training throughput (samples/s) and sampling throughput (images/s at 28 and 50 steps, guidance on) on
 this CPU, for each speed option: fp32, bf16 autocast, channels_last, and (with --compile) torch.compile.
 
-    python benchmarks/model_speed.py [--model zoo:shapes-server] [--batch 48] [--images 16] [--compile]
+    python benchmarks/model_speed.py [--model shapes-server] [--batch 48] [--images 16] [--compile]
 
 Text states are encoded once per batch and reused at every step (the sampler does this always).
 """
@@ -63,7 +63,7 @@ def sample_rate(model: str, images: int, steps: int, bf16=False, **opts) -> floa
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="zoo:shapes-server")
+    ap.add_argument("--model", default="shapes-server", help="preset (random weights: speed does not depend on them) or folder")
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--images", type=int, default=16)
