@@ -40,10 +40,6 @@ class Bundle:
     folder: Path | None = None
     meta: dict = field(default_factory=dict)
 
-    @property
-    def config(self) -> dict:
-        return dict(self.unet.config)
-
     def latent_size(self, image_size: int | None = None) -> int:
         factor = self.codec.factor if self.codec else 8
         return (image_size or self.image_size) // factor

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from .conditioning import SDXL_TIME_IDS
+
 Prediction = Literal["epsilon", "flow"]
 
 SDXL = {
@@ -47,7 +49,6 @@ DREAMLITE_039B = {
 
 # Shapes world. Latent: the pixel-unshuffle codec's 48 x 16 x 16. Text: the shapes encoder's 64-wide states.
 SHAPES_TEXT_DIM = 64
-SHAPES_TIME_IDS = 6  # SDXL's (orig h, orig w, crop top, crop left, target h, target w)
 SHAPES_SERVER = {
     "sample_size": 16, "in_channels": 48, "out_channels": 48, "layers_per_block": 2,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -55,7 +56,7 @@ SHAPES_SERVER = {
     "block_out_channels": [64, 64, 128], "transformer_layers_per_block": [1, 1, 2],
     "attention_head_dim": [2, 2, 4], "cross_attention_dim": SHAPES_TEXT_DIM, "use_linear_projection": True,
     "addition_embed_type": "text_time", "addition_time_embed_dim": 16,
-    "projection_class_embeddings_input_dim": SHAPES_TEXT_DIM + SHAPES_TIME_IDS * 16,
+    "projection_class_embeddings_input_dim": SHAPES_TEXT_DIM + SDXL_TIME_IDS * 16,
     "norm_num_groups": 16,
 }
 # The DreamLite layout at shapes scale (16% of shapes-server's parameters; DreamLite is 15% of SDXL): widths
