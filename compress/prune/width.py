@@ -116,9 +116,15 @@ def _forward_fn(model, inputs):
 
 def _dependency_graph(model: nn.Module, inputs, plan: WidthPlan):
     import torch_pruning as tp
+    return _traced(model, lambda: tp.DependencyGraph().build_dependency(model, inputs, forward_fn=_forward_fn,
+                                                                        verbose=False))
+
+
+def _traced(model: nn.Module, build: Callable):
+    """``build()`` traces ``model``; a failure (they come in many types) becomes one line naming model and cause."""
     try:
-        return tp.DependencyGraph().build_dependency(model, inputs, forward_fn=_forward_fn, verbose=False)
-    except Exception as e:  # tracing failures come in many types; name the model and the cause
+        return build()
+    except Exception as e:
         raise DreamliteError(f"{type(model).__name__}: cannot trace the model for pruning "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
@@ -139,16 +145,10 @@ def prune_width(model: nn.Module, ratio: float, inputs, importance: str = "magni
     plan = plan or default_plan(model)
     model.eval()
     imp = make_importance(importance)
-    try:
-        pruner = tp.pruner.MetaPruner(model, inputs, importance=imp, pruning_ratio=ratio, ignored_layers=plan.ignored,
-                                      out_channel_groups=plan.out_channel_groups, num_heads=plan.num_heads,
-                                      prune_head_dims=True, prune_num_heads=False, round_to=round_to,
-                                      forward_fn=_forward_fn)
-    except DreamliteError:
-        raise
-    except Exception as e:
-        raise DreamliteError(f"{type(model).__name__}: cannot trace the model for pruning "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    pruner = _traced(model, lambda: tp.pruner.MetaPruner(
+        model, inputs, importance=imp, pruning_ratio=ratio, ignored_layers=plan.ignored,
+        out_channel_groups=plan.out_channel_groups, num_heads=plan.num_heads, prune_head_dims=True,
+        prune_num_heads=False, round_to=round_to, forward_fn=_forward_fn))
     calibrate(importance, imp, model, calibration)
     pruner.step()
     model.zero_grad(set_to_none=True)
