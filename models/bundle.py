@@ -22,6 +22,7 @@ from dreamlite.io import DreamliteError, inside, read_json, write_json
 
 from .codec import Codec, PixelUnshuffleCodec, VAECodec
 from .presets import PRESETS, Prediction, build, get_preset, unet_class
+from .teacher import SCHEDULES
 from .text import ShapesTextEncoder, TextEncoder, load_text_encoder
 
 META = "dreamlite.json"
@@ -39,6 +40,11 @@ class Bundle:
     name: str = ""
     folder: Path | None = None
     meta: dict = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> str:
+        """The discrete training schedule of an epsilon model (``sdxl`` unless its dreamlite.json says otherwise)."""
+        return self.meta.get("schedule", "sdxl")
 
     def latent_size(self, image_size: int | None = None) -> int:
         factor = self.codec.factor if self.codec else 8
@@ -70,7 +76,7 @@ def from_preset(name: str, device="cpu", seed: int = 0, text: TextEncoder | None
         text = ShapesTextEncoder.for_shapes()
     factor = codec.factor if codec else 8
     return Bundle(unet, p.prediction, p.cls == "DreamLiteUNetModel", p.config["sample_size"] * factor, text, codec,
-                  name=name, meta={"preset": name})
+                  name=name, meta=p.meta())
 
 
 def _unet_folder(folder: Path) -> Path:
@@ -138,6 +144,8 @@ def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0, samp
     text = None
     if (folder / "text_encoder" / "config.json").is_file() and not meta:
         text = load_text_encoder(folder / "text_encoder")
+    if info.get("schedule", "sdxl") not in SCHEDULES:
+        raise DreamliteError(f"{folder / META}: schedule: {info['schedule']!r} is not one of {', '.join(SCHEDULES)}")
     factor = codec.factor if codec else 8
     size = int(info.get("image_size", unet.config.sample_size * factor))
     return Bundle(unet, info.get("prediction", prediction), bool(info.get("in_context", in_context)), size, text,
@@ -155,5 +163,5 @@ def _from_file(preset: str, path: str, device="cpu") -> Bundle:
         b.unet.load_state_dict(load_file(str(file), device=str(device)), strict=True, assign=True)
     except RuntimeError as e:
         raise DreamliteError(f"{path}: does not match preset {preset!r} ({str(e).splitlines()[1].strip()})") from None
-    b.name, b.meta = f"{preset}:{path}", {"preset": preset, "weights": str(file)}
+    b.name, b.meta = f"{preset}:{path}", {**b.meta, "weights": str(file)}
     return b

@@ -87,7 +87,12 @@ class Preset:
     description: str
     codec: str = "vae"  # "pixel-unshuffle" for the shapes world
     text: str = "external"  # "shapes" when the shapes text encoder drives it
+    schedule: str = "sdxl"  # training noise schedule of an epsilon model (models/teacher.py SCHEDULES)
     tags: tuple[str, ...] = field(default=())
+
+    def meta(self) -> dict:
+        """What a model folder's dreamlite.json records about the preset it was built from."""
+        return {"preset": self.name, **({"schedule": self.schedule} if self.prediction == "epsilon" else {})}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -95,7 +100,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sd15", "UNet2DConditionModel", SD15, "epsilon", "Stable Diffusion 1.5 U-Net (0.86B)"),
     Preset("dreamlite-0.39b", "DreamLiteUNetModel", DREAMLITE_039B, "flow", "DreamLite mobile U-Net (0.39B)"),
     Preset("shapes-server", "UNet2DConditionModel", SHAPES_SERVER, "epsilon",
-           "SDXL layout at shapes-world scale (the teacher)", codec="pixel-unshuffle", text="shapes"),
+           "SDXL layout at shapes-world scale (the teacher)", codec="pixel-unshuffle", text="shapes",
+           schedule="linear"),
     Preset("shapes-mobile", "DreamLiteUNetModel", SHAPES_MOBILE, "flow",
            "DreamLite layout at shapes-world scale (the student)", codec="pixel-unshuffle", text="shapes"),
 ]}

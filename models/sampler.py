@@ -22,7 +22,7 @@ from dreamlite.io import DreamliteError
 from .bundle import Bundle
 from .codec import to_uint8
 from .conditioning import unet_inputs
-from .teacher import SDXL_SCHEDULE
+from .teacher import SCHEDULES
 from .text import TextStates
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, TextStates], torch.Tensor]
@@ -98,10 +98,10 @@ class OrtDenoiser:
         return torch.cat(outs)
 
 
-def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False):
+def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl"):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
-    (the DreamLite mobile pipeline) for flow models; DDIM or Euler on SDXL's schedule (trailing spacing, so the
-    first step starts from pure noise) for epsilon models. ``clip``: DDIM clips its clean-latent estimate to
+    (the DreamLite mobile pipeline) for flow models; DDIM or Euler on the model's training schedule (``sdxl`` or
+    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon models. ``clip``: DDIM clips its clean-latent estimate to
     [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are bounded, like pixel-unshuffle)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -109,7 +109,7 @@ def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool =
         return s
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
     extra = {"clip_sample": True, "clip_sample_range": 1.0} if clip and kind == "ddim" else {}
-    s = cls.from_config({**SDXL_SCHEDULE, "timestep_spacing": "trailing", **extra})
+    s = cls.from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
     s.set_timesteps(steps)
     return s
 
@@ -133,10 +133,11 @@ def guide(outputs: list[torch.Tensor], cfg: float, image_cfg: float) -> torch.Te
 
 @torch.no_grad()
 def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: list[tuple[TextStates, object]],
-            s: SamplerSettings) -> torch.Tensor:
+            s: SamplerSettings, schedule: str = "sdxl") -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w); ``branches`` are (text, context) pairs with context a
-    (B, C, h, w) latent placed beside the target, or None for a model without in-context width."""
-    sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip))
+    (B, C, h, w) latent placed beside the target, or None for a model without in-context width. ``schedule``: the
+    training schedule of an epsilon model."""
+    sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip), schedule)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     width = noise.shape[-1]
     text = TextStates.cat([t for t, _ in branches])
@@ -186,7 +187,7 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]
         noise = initial_noise(tuple(_latent_like(b, len(chunk), size).shape), s.seed, first_index + k)
-        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, None, s), s)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, None, s), s, b.schedule)
         out.append(to_uint8(b.codec.decode(latents)))
     return np.concatenate(out)
 
@@ -209,6 +210,6 @@ def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings 
         src = torch.from_numpy(np.array(sources[k:k + s.batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
         src_latent = b.codec.encode(src)
         noise = initial_noise(tuple(src_latent.shape), s.seed, first_index + k)
-        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s, b.schedule)
         out.append(to_uint8(b.codec.decode(latents)))
     return np.concatenate(out)

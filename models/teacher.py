@@ -1,9 +1,17 @@
-"""Training a server U-Net from scratch with SDXL's objective: epsilon prediction on the discrete scaled-linear
-1000-step schedule, MSE (optionally Min-SNR-gamma weighted, Hang et al. 2023), caption dropout for guidance.
+"""Training a server U-Net from scratch with SDXL's objective: epsilon prediction on a discrete 1000-step schedule,
+MSE (optionally Min-SNR-gamma weighted, Hang et al. 2023), caption dropout for guidance.
+
+The schedule is SDXL's scaled-linear one for latent-space models and DDPM's linear one for pixel-space models (the
+shapes world's pixel-unshuffle codec): scaled-linear ends at alpha_bar 0.0047, which on flat-coloured pixel scenes
+leaves the layout visible at t = 999 (per-pixel signal 0.07, summed over an object's hundreds of pixels), so a model
+trained on it learns to read the layout from the noise and has nothing to read when sampling starts from pure noise.
+Linear ends at alpha_bar 4e-5 (signal 0.006), as pixel-space DDPM does.
 
 The text encoder trains with the U-Net (the shapes encoder starts from scratch too) and is frozen afterwards.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,6 +29,10 @@ from .conditioning import unet_inputs
 SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                  "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
                  "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+# DDPM's pixel-space schedule (Ho et al. 2020), otherwise the same.
+LINEAR_SCHEDULE = {**SDXL_SCHEDULE, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+SCHEDULES = {"sdxl": SDXL_SCHEDULE, "linear": LINEAR_SCHEDULE}
+Schedule = Literal["sdxl", "linear"]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
@@ -59,10 +71,10 @@ class EpsilonTask(nn.Module):
     """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0,
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, schedule: Schedule = "sdxl"):
         super().__init__()
         self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
-        self.schedule = DDPMScheduler.from_config(SDXL_SCHEDULE)
+        self.schedule = DDPMScheduler.from_config(SCHEDULES[schedule])
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
 
     def forward(self, images, captions, noise, timesteps, offset=None):

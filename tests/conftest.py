@@ -38,7 +38,7 @@ def tiny_bundle(preset: str, seed: int = 0):
     torch.manual_seed(seed)
     text = ShapesTextEncoder.for_shapes(**TINY_TEXT).eval()
     return Bundle(unet, p.prediction, p.cls == "DreamLiteUNetModel", 64, text, PixelUnshuffleCodec(), name=f"tiny-{preset}",
-                  meta={"preset": preset})
+                  meta=p.meta())
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ class TrainTeacherStage(StageConfig):
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of empty captions, for guidance")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weight (null = plain MSE)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
+    schedule: Literal["sdxl", "linear"] | None = Field(
+        None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
@@ -37,7 +39,9 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     bundle = from_preset(cfg.preset, seed=ctx.seed)
     if bundle.prediction != "epsilon" or bundle.in_context:
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
-    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset)
+    if cfg.schedule:
+        bundle.meta["schedule"] = cfg.schedule
+    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:

@@ -32,6 +32,24 @@ def test_saved_folders_load_in_diffusers_own_classes(tiny_folders):
     assert DreamLiteUNetModel.from_pretrained(tiny_folders["shapes-mobile"]).config.use_sep_conv
 
 
+def test_folder_records_the_training_schedule_the_sampler_uses(tiny_folders, tmp_path):
+    import shutil
+
+    from dreamlite.models.bundle import load_bundle
+    from dreamlite.models.sampler import make_scheduler
+    assert json.loads((tiny_folders["shapes-server"] / "dreamlite.json").read_text())["schedule"] == "linear"
+    b = load_bundle(str(tiny_folders["shapes-server"]))
+    assert b.schedule == "linear" and load_bundle("sdxl", meta=True).schedule == "sdxl"
+    linear, sdxl = make_scheduler("epsilon", 10, schedule="linear"), make_scheduler("epsilon", 10, schedule="sdxl")
+    assert linear.timesteps[0] == 999 and linear.alphas_cumprod[-1] < 1e-4 < 1e-3 < sdxl.alphas_cumprod[-1]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folders["shapes-server"], bad)
+    meta = json.loads((bad / "dreamlite.json").read_text())
+    (bad / "dreamlite.json").write_text(json.dumps({**meta, "schedule": "cosine"}))
+    r = invoke("info", bad)
+    assert r.exit_code == 1 and "schedule: 'cosine' is not one of sdxl, linear" in r.output, r.output
+
+
 def test_sample_then_edit(tiny_folders, tmp_path):
     r = invoke("sample", "--model", tiny_folders["shapes-mobile"], "--prompt", "a red circle", "--steps", 2,
                "--out", tmp_path / "x.png")
