@@ -310,20 +310,39 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
 
 
 @main.command()
-@click.option("--teacher", required=True, type=click.Path(file_okay=False),
-              help="A diffusers model folder (any diffusers model class with config.json + safetensors).")
-@click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True,
-              help="Fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
+@click.option("--teacher", required=True,
+              help="With --target: an SDXL-layout U-Net (preset, zoo:NAME or model folder). With --width: any "
+                   "diffusers model folder.")
+@click.option("--target", default=None,
+              help="A DreamLite preset (dreamlite-0.39b, shapes-mobile) or a DreamLiteUNetModel config.json: prune to "
+                   "exactly that architecture.")
+@click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Generic pruning: fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
 @click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default="magnitude",
-              show_default=True, help="Which channels go (taylor / activation run --calib random batches).")
-@click.option("--calib", type=click.IntRange(1), default=4, show_default=True, help="Calibration batches.")
+              show_default=True, help="Which channels, heads and layers go (taylor / activation need --calib).")
+@click.option("--calib", type=click.IntRange(0), default=None,
+              help="Calibration batches [--target: 4 for models with a text encoder and codec, else 0 (the teacher "
+                   "is then streamed tensor by tensor); --width: 4 random batches].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-def prune(teacher, width, importance, calib, seed, out):
-    """Generic channel pruning of a diffusers model folder; OUT reloads with dreamlite.compress.prune.load_pruned."""
+def prune(teacher, target, width, importance, calib, seed, out):
+    """Prune a server U-Net to a DreamLite architecture (--target), or any diffusers model to a width (--width)."""
+    if (target is None) == (width is None):
+        raise DreamliteError("prune: give exactly one of --target (an architecture) and --width (a keep ratio)")
+    if target is not None:
+        from dreamlite.compress.prune.target import prune_to_target
+        with staged_dir(out) as work:
+            report = prune_to_target(teacher, target, work, importance, calib, seed, say=console.print)
+        dev = report.get("relative_output_deviation")
+        console.print(f"{report['teacher_parameters']:,} -> {report['parameters']:,} parameters, "
+                      f"{report['teacher_macs_per_call'] / 1e9:.2f} -> {report['macs_per_call'] / 1e9:.2f} GMACs"
+                      + (f", output deviation {dev:.3f} (random init "
+                         f"{report['relative_output_deviation_random_init']:.3f})" if dev is not None else "")
+                      + f" -> {out}")
+        return
     from dreamlite.compress.prune.generic import prune_folder
     with staged_dir(out) as work:
-        report = prune_folder(teacher, work, keep=width, importance=importance, calib=calib, seed=seed)
+        report = prune_folder(teacher, work, keep=width, importance=importance, calib=calib or 4, seed=seed)
     console.print(f"{report['class']}: {report['parameters_before']:,} -> {report['parameters_after']:,} parameters "
                   f"-> {out}")
 

@@ -1,0 +1,224 @@
+"""``dreamlite prune --target``: a server U-Net folder or preset -> a DreamLite-layout model folder that diffusers'
+``DreamLiteUNetModel.from_pretrained`` loads, with the text encoder beside it and a per-pass report.
+
+Memory: the teacher's weights are streamed from its safetensors file (or generated per tensor for a preset) unless a
+data-driven step needs the whole teacher in memory (taylor / activation importance, measured layer importance, the
+deviation check), which calibration does only for models that can be driven (a text encoder and codec beside them).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dreamlite.io import DreamliteError, read_json, write_json
+
+from .unet import RandomSource, SafetensorsSource, StateDictSource, TensorSource, prune_unet, skip_scores, dims_of
+
+TARGET_CLASS = "DreamLiteUNetModel"
+
+
+def resolve_target(spec: str) -> dict:
+    """A DreamLite preset name, or a JSON config file (a diffusers ``config.json``) of a DreamLiteUNetModel."""
+    from dreamlite.models.presets import PRESETS
+
+    if spec in PRESETS:
+        p = PRESETS[spec]
+        if p.cls != TARGET_CLASS:
+            raise DreamliteError(f"--target: preset {spec!r} is a {p.cls}; targets are {TARGET_CLASS} layouts "
+                                 f"({', '.join(n for n, q in PRESETS.items() if q.cls == TARGET_CLASS)})")
+        return dict(p.config)
+    path = Path(spec)
+    if not path.is_file():
+        raise DreamliteError(f"--target: {spec!r} is neither a DreamLite preset nor a config file")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict) or cfg.get("_class_name", TARGET_CLASS) != TARGET_CLASS:
+        raise DreamliteError(f"{path}: _class_name must be {TARGET_CLASS}")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_target(cfg: dict, seed: int) -> nn.Module:
+    from dreamlite.models.presets import build
+
+    try:
+        return build(cfg, TARGET_CLASS, seed=seed).eval()
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise DreamliteError(f"--target: the config does not build a {TARGET_CLASS} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def teacher_source(bundle, seed: int) -> TensorSource:
+    """Stream the teacher's tensors: from its safetensors file when it has one, else seeded random weights."""
+    from dreamlite.models.bundle import WEIGHTS
+
+    if bundle.folder is not None:
+        unet_dir = bundle.folder if (bundle.folder / "config.json").is_file() else bundle.folder / "unet"
+        if (unet_dir / WEIGHTS).is_file():
+            return SafetensorsSource(unet_dir / WEIGHTS)
+        raise DreamliteError(f"{unet_dir}: no {WEIGHTS} (sharded or non-safetensors teachers are not supported)")
+    if "weights" in bundle.meta:
+        return SafetensorsSource(bundle.meta["weights"])
+    return RandomSource({k: tuple(v.shape) for k, v in bundle.unet.state_dict().items()}, seed)
+
+
+# ----------------------------------------------------------------------------------------------------- calibration
+def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]:
+    """Noisy latents at uniformly spread timesteps of the teacher's own schedule, with text states: rendered shapes
+    scenes and their captions (the teacher's training distribution)."""
+    from diffusers import DDPMScheduler
+
+    from dreamlite.models.teacher import SCHEDULES, t2i_batch
+
+    h = bundle.latent_size()
+    schedule = DDPMScheduler.from_config(SCHEDULES[bundle.schedule])
+    out = []
+    with torch.no_grad():
+        for i in range(n):
+            data = t2i_batch(seed, i, batch, (bundle.unet.config.in_channels, h, h), 0.0, bundle.image_size)
+            latents = bundle.codec.encode(data["images"])
+            t = data["timesteps"]
+            out.append({"sample": schedule.add_noise(latents, data["noise"], t), "timestep": t, "noise": data["noise"],
+                        "text": bundle.text.encode(data["captions"]), "size": bundle.image_size})
+    return out
+
+
+def unet_call(model: nn.Module, b: dict, in_context: bool) -> dict:
+    from dreamlite.models.conditioning import unet_inputs
+
+    x = b["sample"]
+    if in_context:
+        x = torch.cat([x, torch.zeros_like(x)], dim=-1)  # (target | blank): generation
+    return {"sample": x, "timestep": b["timestep"], **unet_inputs(model.config, b["text"], b["size"], b["size"])}
+
+
+@torch.no_grad()
+def deviation(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> float:
+    """Relative MSE of the student's output (target half) from the teacher's, on calibration batches."""
+    num = den = 0.0
+    for b in batches:
+        t = teacher(**unet_call(teacher, b, False)).sample
+        s = student(**unet_call(student, b, True)).sample[..., :t.shape[-1]]
+        num, den = num + float((s - t).pow(2).mean()), den + float(t.pow(2).mean())
+    return num / max(den, 1e-12)
+
+
+def taylor_gradients(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Gradients of the teacher's training loss (epsilon MSE) summed over calibration batches spread over timesteps,
+    as Diff-Pruning does."""
+    unet.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for b in batches:
+            pred = unet(**unet_call(unet, b, False)).sample
+            (pred - b["noise"]).pow(2).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.grad is not None}
+    unet.zero_grad(set_to_none=True)
+    return grads
+
+
+@torch.no_grad()
+def activation_scores(unet: nn.Module, batches: list[dict], cfg: dict, spaces: dict) -> dict[str, torch.Tensor]:
+    """Mean |output| of every channel of every space, from the conv / linear layers that write it."""
+    scores = {s: torch.zeros(sp.size) for s, sp in spaces.items()}
+    hooks = []
+
+    def hook_for(names):
+        def hook(module, args, out):
+            dims = (0, 2, 3) if out.dim() == 4 else tuple(range(out.dim() - 1))
+            act = out.abs().float().mean(dims)
+            for k, part in enumerate(act.split([spaces[n].size for n in names])):
+                scores[names[k]] += part
+        return hook
+
+    for name, module in unet.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            w = f"{name}.weight"
+            names = dims_of(w, tuple(module.weight.shape), cfg)[0]
+            if names and all(n in spaces for n in names):
+                hooks.append(module.register_forward_hook(hook_for(names)))
+    try:
+        for b in batches:
+            unet(**unet_call(unet, b, False))
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------------ the command
+def prune_to_target(teacher: str, target: str, out, importance: str = "magnitude", calib: int | None = None,
+                    seed: int = 0, say: Callable[[str], None] | None = None) -> dict:
+    """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file) and
+    write the model folder ``out``. Returns the report written to ``out/dreamlite.json``."""
+    from dreamlite.evaluation.footprint import macs_per_call
+    from dreamlite.models.bundle import Bundle, load_bundle
+    from dreamlite.models.presets import build
+
+    say = say or (lambda _m: None)
+    cfg = resolve_target(target)
+    probe = load_bundle(teacher, meta=True)
+    if type(probe.unet).__name__ != "UNet2DConditionModel":
+        raise DreamliteError(f"--teacher: {teacher} is a {type(probe.unet).__name__}; the target passes start from "
+                             "an SDXL-layout UNet2DConditionModel (use --width for generic pruning)")
+    drivable = probe.codec is not None or (probe.folder is not None and (probe.folder / "text_encoder").is_dir())
+    calib = (4 if drivable else 0) if calib is None else calib
+    if importance in ("taylor", "activation") and calib == 0:
+        raise DreamliteError(f"--importance {importance}: needs calibration batches (--calib N), which need a model "
+                             "with a text encoder and codec beside it (a shapes-world model folder)")
+    if calib and not drivable:
+        raise DreamliteError(f"--calib: {teacher} has no text encoder and codec to make calibration batches with "
+                             "(use --calib 0 and magnitude or random importance)")
+    t_widths, s_widths = list(probe.unet.config.block_out_channels), list(cfg["block_out_channels"])
+    if len(t_widths) != len(s_widths) or any(s > t for s, t in zip(s_widths, t_widths)):
+        raise DreamliteError(f"--target: block_out_channels {s_widths} do not fit inside the teacher's {t_widths} "
+                             "(pruning only removes: same number of stages, none wider)")
+
+    t_cfg = dict(probe.unet.config)
+    full = batches = grads = measured = pooled = None
+    if calib:
+        say(f"calibration: {calib} batches of rendered scenes")
+        full = load_bundle(teacher, seed=seed)
+        full.unet.float().eval()
+        batches = calibration_batches(full, calib, seed)
+        source: TensorSource = StateDictSource(full.unet.state_dict())
+        say("depth: measuring each transformer layer's effect on the output")
+        measured = skip_scores(full.unet, [unet_call(full.unet, b, False) for b in batches])
+        if importance == "taylor":
+            grads = taylor_gradients(full.unet, batches)
+        pooled = torch.cat([b["text"].pooled for b in batches]).mean(0)
+    else:
+        source = teacher_source(probe, seed)
+
+    student = build_target(cfg, seed)
+    scores_override = None
+    if importance == "activation":
+        from .unet import teacher_spaces
+        scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
+    report = prune_unet(source, t_cfg, student, "magnitude" if importance == "activation" else importance,
+                        grads, measured, pooled, seed, say, scores=scores_override)
+    for r in report:
+        if r["pass"] in ("width", "heads") and importance == "activation":
+            r["criterion"] = "activation"
+
+    size = probe.image_size
+    h = size // (probe.codec.factor if probe.codec else 8)
+    tokens = 24 if probe.codec is not None else 77
+    summary = {
+        "teacher": teacher, "target": target, "importance": importance, "calibration_batches": calib,
+        "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_macs_per_call": macs_per_call(probe.unet, (h, h), (size, size), tokens),
+        "macs_per_call": macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (size, size), tokens),
+    }
+    if batches:
+        summary["relative_output_deviation"] = round(deviation(full.unet, student, batches), 4)
+        summary["relative_output_deviation_random_init"] = round(deviation(full.unet, build_target(cfg, seed + 1),
+                                                                           batches), 4)
+    text = full.text if full is not None else None
+    if text is None and probe.folder is not None and (probe.folder / "text_encoder" / "config.json").is_file():
+        from dreamlite.models.text import load_text_encoder
+        text = load_text_encoder(probe.folder / "text_encoder")
+    bundle = Bundle(student, "flow", True, size, text, probe.codec, name=str(out))
+    bundle.save_pretrained(out, stage="prune", parent=teacher, **{"pruning": {**summary, "passes": report}})
+    return {**summary, "passes": report}

@@ -1,0 +1,138 @@
+"""Target-architecture pruning (SDXL layout -> DreamLite layout) on tiny configs: the mapping is exact where the
+teacher is expressible in the target, importance decides what goes, and the result is a diffusers model folder."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY, tiny_bundle
+from dreamlite.cli import main
+from dreamlite.compress.prune.generic import example_inputs
+from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, depth_pass, prune_unet, select,
+                                           skip_scores)
+from dreamlite.models.presets import build, get_preset
+
+
+def teacher():
+    return tiny_bundle("shapes-server").unet
+
+
+def dreamlite_twin(unet, **changes):
+    """A DreamLiteUNetModel with the teacher's own config (same widths, depths, embeddings) plus ``changes``."""
+    from diffusers import DreamLiteUNetModel
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    base = {"qk_norm": None, "use_sep_conv": False, "ff_mult": 4, "num_kv_heads": None}
+    torch.manual_seed(1)
+    return DreamLiteUNetModel(**{**cfg, **base, **changes}).eval()
+
+
+def max_deviation(a, b):
+    x = example_inputs(a, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((a(**x).sample - b(**x).sample).abs().max() / a(**x).sample.abs().max())
+
+
+def test_a_target_equal_to_the_teacher_is_an_exact_copy():
+    t = teacher()
+    s = dreamlite_twin(t)
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    assert report[-1]["parameters"]["new"] == 0 and report[-1]["parameters"]["fitted"] == 0
+    assert max_deviation(t, s) < 1e-6
+
+
+@torch.no_grad()
+def test_separable_convs_and_shared_kv_heads_are_exact_when_the_teacher_is_expressible():
+    """Dense convs of rank 1 (expanding) and rank 2 (contracting) per input channel, and identical key/value heads,
+    are exactly what the separable conv fit and the multi-query merge can represent: the student must match."""
+    t = teacher()
+    g = torch.Generator().manual_seed(3)
+    for name, p in t.named_parameters():
+        if name.endswith(("conv1.weight", "conv2.weight")) and "resnets" in name:
+            rank = 1 if "conv1" in name else 2
+            o, i = p.shape[:2]
+            p.copy_(torch.einsum("oir,irk->oik", torch.randn(o, i, rank, generator=g),
+                                 torch.randn(i, rank, 9, generator=g)).view_as(p) / 3)
+        if name.endswith("conv2.bias") and "resnets" in name:
+            p.zero_()  # a separable conv has no bias and these ResNets no shortcut to fold it into
+        if name.endswith(("attn1.to_k.weight", "attn1.to_v.weight", "attn2.to_k.weight", "attn2.to_v.weight")):
+            heads = t.get_submodule(name.rsplit(".", 2)[0]).heads
+            p.copy_(p.view(heads, -1, p.shape[1])[:1].expand(heads, -1, -1).reshape_as(p))
+    s = dreamlite_twin(t, use_sep_conv=True, num_kv_heads=1)
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)[-1]
+    assert report["conv1_rank1_fit_error_mean"] < 1e-5 and report["conv2_rank2_fit_error_mean"] < 1e-5
+    assert max_deviation(t, s) < 1e-4
+
+
+def test_shapes_mobile_from_the_server_layout(tmp_path):
+    from diffusers import DreamLiteUNetModel
+    t = teacher()
+    p = get_preset("shapes-mobile")
+    s = build(p.config, p.cls, seed=1, **TINY["shapes-mobile"])
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    kinds = [r["pass"] for r in report]
+    assert kinds[0] == "depth" and "width" in kinds and "heads" in kinds and kinds[-1] == "materialize"
+    counts = report[-1]["parameters"]
+    assert sum(counts.values()) == sum(q.numel() for q in s.parameters()) and counts["inherited"] > counts["new"]
+    # stage 1 gains cross-attention the teacher never had: it starts as the identity
+    block = s.down_blocks[0].attentions[0]
+    x = torch.randn(1, block.config.in_channels, 4, 4)
+    with torch.no_grad():
+        y = block(x, encoder_hidden_states=torch.randn(1, 3, s.config.cross_attention_dim)).sample
+    assert torch.allclose(x, y)
+    s.save_pretrained(tmp_path, safe_serialization=True)
+    again = DreamLiteUNetModel.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), again.state_dict().values()))
+
+
+def test_depth_keeps_the_layers_whose_removal_changes_the_output():
+    t = teacher()
+    mid = t.mid_block.attentions[0].transformer_blocks
+    with torch.no_grad():  # layer 0 of the mid block writes nothing: skipping it changes nothing
+        for lin in (mid[0].attn1.to_out[0], mid[0].attn2.to_out[0], mid[0].ff.net[2]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    batches = [example_inputs(t, 2, torch.Generator().manual_seed(i)) for i in range(2)]
+    measured = skip_scores(t, batches)
+    assert measured["mid_block.attentions.0"][0] == 0 < measured["mid_block.attentions.0"][1]
+    student_keys = [k for k in t.state_dict() if not k.startswith("mid_block.attentions.0.transformer_blocks.1.")]
+    plan = depth_pass(Plan(), t.state_dict().keys(), student_keys, StateDictSource(t.state_dict()), measured)
+    assert plan.layers["mid_block.attentions.0"] == [1]
+
+
+def test_selection_keeps_whole_heads_and_the_same_number_per_group():
+    scores = torch.tensor([9., 1, 2, 8, 7, 3, 0, 6])
+    assert select(scores, 4, Space(8, groups=2)).tolist() == [0, 3, 4, 7]
+    assert select(scores, 4, Space(8, unit=4)).tolist() == [0, 1, 2, 3]
+    assert select(scores, 2, Space(8)).tolist() == [0, 3]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_prunes_a_folder_to_a_config_file_and_the_result_samples(tiny_folders, tmp_path):
+    p = get_preset("shapes-mobile")
+    config = tmp_path / "mobile.json"
+    config.write_text(json.dumps({**p.config, **TINY["shapes-mobile"], "_class_name": "DreamLiteUNetModel"}))
+    r = invoke("prune", "--teacher", tiny_folders["shapes-server"], "--target", config, "--calib", 1,
+               "--importance", "taylor", "--out", tmp_path / "student")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "student" / "dreamlite.json").read_text())
+    assert meta["pruning"]["importance"] == "taylor" and "relative_output_deviation" in meta["pruning"]
+    r = invoke("sample", "--model", tmp_path / "student", "--prompt", "a red circle", "--steps", 2,
+               "--out", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "sdxl"], "is a UNet2DConditionModel; targets are DreamLiteUNetModel"),
+    (["--target", "shapes-mobile", "--width", "0.5"], "exactly one of --target"),
+    (["--target", "nowhere.json"], "neither a DreamLite preset nor a config file"),
+    (["--target", "shapes-mobile"], "[48, 32, 64] do not fit inside the teacher's [8, 16, 16]"),
+    (["--target", "shapes-mobile", "--importance", "activation", "--calib", "0"], "needs calibration batches"),
+])
+def test_bad_target_input_is_one_line(args, message, tiny_folders, tmp_path):
+    r = invoke("prune", "--teacher", tiny_folders["shapes-server"], *args, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
