@@ -316,6 +316,9 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
 @click.option("--target", default=None,
               help="A DreamLite preset (dreamlite-0.39b, shapes-mobile) or a DreamLiteUNetModel config.json: prune to "
                    "exactly that architecture.")
+@click.option("--params", default=None, help="A parameter budget (0.39B, 390M): the largest DreamLite layout of "
+              "the teacher that fits.")
+@click.option("--macs", default=None, help="A budget in MACs per U-Net call at the model's size (1.4T, 500G).")
 @click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Generic pruning: fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
 @click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default="magnitude",
@@ -325,14 +328,17 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
                    "is then streamed tensor by tensor); --width: 4 random batches].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-def prune(teacher, target, width, importance, calib, seed, out):
-    """Prune a server U-Net to a DreamLite architecture (--target), or any diffusers model to a width (--width)."""
-    if (target is None) == (width is None):
-        raise DreamliteError("prune: give exactly one of --target (an architecture) and --width (a keep ratio)")
-    if target is not None:
+def prune(teacher, target, params, macs, width, importance, calib, seed, out):
+    """Prune a server U-Net to a DreamLite architecture (--target) or budget (--params / --macs), or any diffusers
+    model to a width (--width)."""
+    if sum(x is not None for x in (target, params, macs, width)) != 1:
+        raise DreamliteError("prune: give exactly one of --target (an architecture), --params or --macs (a budget) "
+                             "and --width (a keep ratio)")
+    if width is None:
         from dreamlite.compress.prune.target import prune_to_target
         with staged_dir(out) as work:
-            report = prune_to_target(teacher, target, work, importance, calib, seed, say=console.print)
+            report = prune_to_target(teacher, target, work, importance, calib, seed, say=console.print,
+                                     params=params, macs=macs)
         dev = report.get("relative_output_deviation")
         console.print(f"{report['teacher_parameters']:,} -> {report['parameters']:,} parameters, "
                       f"{report['teacher_macs_per_call'] / 1e9:.2f} -> {report['macs_per_call'] / 1e9:.2f} GMACs"

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from dreamlite.io import DreamliteError, read_json, write_json
+from dreamlite.io import DreamliteError, read_json
 
 from .unet import RandomSource, SafetensorsSource, StateDictSource, TensorSource, prune_unet, skip_scores, dims_of
 
@@ -146,18 +146,43 @@ def activation_scores(unet: nn.Module, batches: list[dict], cfg: dict, spaces: d
     return scores
 
 
+def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[dict, dict]:
+    from dreamlite.evaluation.footprint import macs_per_call
+    from dreamlite.models.presets import build
+
+    from .budget import fit_budget, parse_count
+
+    if type(probe.unet).__name__ != "UNet2DConditionModel":
+        raise DreamliteError(f"--teacher: a {type(probe.unet).__name__} is not an SDXL-layout server U-Net")
+    h = probe.latent_size()
+    tokens = 24 if probe.codec is not None else 77
+
+    def measure(cfg):
+        return macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (probe.image_size,) * 2, tokens)
+
+    say(f"budget: searching the DreamLite layout for {'--params ' + params if params else '--macs ' + macs}")
+    return fit_budget(dict(probe.unet.config), parse_count(params, "--params") if params else None,
+                      parse_count(macs, "--macs") if macs else None, measure)
+
+
 # ------------------------------------------------------------------------------------------------------ the command
-def prune_to_target(teacher: str, target: str, out, importance: str = "magnitude", calib: int | None = None,
-                    seed: int = 0, say: Callable[[str], None] | None = None) -> dict:
-    """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file) and
-    write the model folder ``out``. Returns the report written to ``out/dreamlite.json``."""
+def prune_to_target(teacher: str, target: str | None, out, importance: str = "magnitude", calib: int | None = None,
+                    seed: int = 0, say: Callable[[str], None] | None = None, params: str | None = None,
+                    macs: str | None = None) -> dict:
+    """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file), or
+    to the largest DreamLite layout within ``params`` / ``macs`` ('0.39B', '1.4T'), and write the model folder
+    ``out``. Returns the report written to ``out/dreamlite.json``."""
     from dreamlite.evaluation.footprint import macs_per_call
     from dreamlite.models.bundle import Bundle, load_bundle
     from dreamlite.models.presets import build
 
     say = say or (lambda _m: None)
-    cfg = resolve_target(target)
     probe = load_bundle(teacher, meta=True)
+    budget = None
+    if target is not None:
+        cfg = resolve_target(target)
+    else:
+        cfg, budget = _budget_target(probe, params, macs, say)
     if type(probe.unet).__name__ != "UNet2DConditionModel":
         raise DreamliteError(f"--teacher: {teacher} is a {type(probe.unet).__name__}; the target passes start from "
                              "an SDXL-layout UNet2DConditionModel (use --width for generic pruning)")
@@ -205,7 +230,11 @@ def prune_to_target(teacher: str, target: str, out, importance: str = "magnitude
     h = size // (probe.codec.factor if probe.codec else 8)
     tokens = 24 if probe.codec is not None else 77
     summary = {
-        "teacher": teacher, "target": target, "importance": importance, "calibration_batches": calib,
+        "teacher": teacher, "target": target or {"params": params, "macs": macs, **budget,
+                                                  "block_out_channels": cfg["block_out_channels"],
+                                                  "transformer_layers_per_block": cfg["transformer_layers_per_block"],
+                                                  "attention_head_dim": cfg["attention_head_dim"]},
+        "importance": importance, "calibration_batches": calib,
         "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
         "parameters": sum(p.numel() for p in student.parameters()),
         "teacher_macs_per_call": macs_per_call(probe.unet, (h, h), (size, size), tokens),

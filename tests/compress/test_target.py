@@ -125,9 +125,25 @@ def test_cli_prunes_a_folder_to_a_config_file_and_the_result_samples(tiny_folder
     assert r.exit_code == 0, r.output
 
 
+def test_a_parameter_budget_picks_the_largest_dreamlite_layout_that_fits(tiny_folders, tmp_path):
+    from diffusers import DreamLiteUNetModel
+    from dreamlite.compress.prune.budget import dreamlite_layout, parse_count
+    assert parse_count("0.39B", "p") == 390_000_000 and parse_count("1.4t", "m") == 1_400_000_000_000
+    full = sum(q.numel() for q in build(dreamlite_layout(dict(teacher().config), 1.0), "DreamLiteUNetModel",
+                                        "meta").parameters())
+    r = invoke("prune", "--teacher", tiny_folders["shapes-server"], "--params", int(full * 0.6), "--calib", 0,
+               "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    target = json.loads((tmp_path / "s" / "dreamlite.json").read_text())["pruning"]["target"]
+    n = sum(q.numel() for q in DreamLiteUNetModel.from_pretrained(tmp_path / "s").parameters())
+    assert n == target["parameters"] <= full * 0.6 and target["factor"] < 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "sdxl"], "is a UNet2DConditionModel; targets are DreamLiteUNetModel"),
     (["--target", "shapes-mobile", "--width", "0.5"], "exactly one of --target"),
+    (["--params", "12X"], "--params: '12X' is not a count"),
+    (["--params", "10"], "the smallest DreamLite layout of this teacher needs"),
     (["--target", "nowhere.json"], "neither a DreamLite preset nor a config file"),
     (["--target", "shapes-mobile"], "[48, 32, 64] do not fit inside the teacher's [8, 16, 16]"),
     (["--target", "shapes-mobile", "--importance", "activation", "--calib", "0"], "needs calibration batches"),
