@@ -94,14 +94,26 @@ def test_teacher_training_then_bench_then_judge(tmp_path):
         {"kind": "bench", "name": "bench", "bench": "gen", "input": "teacher", "n": 1, "images_per_prompt": 1,
          "steps": 2},
         {"kind": "judge", "name": "rejudge", "input": "bench"},
+        {"kind": "prune", "name": "student", "input": "teacher", "target": "shapes-mobile", "calib": 1},
+        {"kind": "bench", "name": "student-bench", "bench": "gen", "input": "student", "n": 1, "images_per_prompt": 1,
+         "steps": 2},
     ]}
     report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
-    teacher, bench, rejudge = (s["metrics"] for s in report["stages"])
+    teacher, bench, rejudge, student, _ = (s["metrics"] for s in report["stages"])
+    assert student["parameters"] == 1_429_584 and student["teacher_parameters"] == teacher["parameters"]
+    assert "relative_output_deviation" in student
     assert teacher["steps"] == 2 and teacher["parameters"] > 1e6
     from diffusers import UNet2DConditionModel
     assert UNet2DConditionModel.from_pretrained(tmp_path / "run/01-teacher/model").config.in_channels == 48
     assert bench["images"] == 6 and rejudge["overall"] == bench["overall"]
     assert (tmp_path / "run/02-bench/geneval/grid.png").is_file()
+
+
+def test_prune_stage_needs_one_teacher_and_one_target(tmp_path):
+    data = {"name": "p", "stages": [{"kind": "prune", "teacher": "shapes-server", "target": "shapes-mobile",
+                                     "params": "1M"}]}
+    with pytest.raises(DreamliteError, match="exactly one of target, params and macs"):
+        load_recipe(write(tmp_path, data))
 
 
 def test_bench_needs_exactly_one_model(tmp_path):

@@ -1,0 +1,43 @@
+"""Stage kinds that compress a model: ``prune``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dreamlite.recipe import StageConfig, StageContext, stage
+
+
+class PruneStage(StageConfig):
+    kind: Literal["prune"]
+    input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher")
+    teacher: str | None = Field(None, description="or: a preset, zoo:NAME or a model folder")
+    target: str | None = Field(None, description="a DreamLite preset or DreamLiteUNetModel config file")
+    params: str | None = Field(None, description="or a parameter budget, e.g. 0.39B")
+    macs: str | None = Field(None, description="or a MACs-per-call budget, e.g. 1.4T")
+    importance: Literal["magnitude", "taylor", "activation", "random"] = "magnitude"
+    calib: int | None = Field(None, ge=0, description="calibration batches (default: 4 when the teacher can be "
+                                                      "driven, else 0)")
+
+    @model_validator(mode="after")
+    def _one_each(self):
+        if (self.input is None) == (self.teacher is None):
+            raise ValueError("give exactly one of input (an earlier stage) and teacher")
+        if sum(x is not None for x in (self.target, self.params, self.macs)) != 1:
+            raise ValueError("give exactly one of target, params and macs")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if self.input else []
+
+
+@stage(PruneStage)
+def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.prune.target import prune_to_target
+
+    teacher = str(ctx.input(cfg.input) / "model") if cfg.input else cfg.teacher
+    report = prune_to_target(teacher, cfg.target, ctx.dir / "model", cfg.importance, cfg.calib, ctx.seed,
+                             say=ctx.log, params=cfg.params, macs=cfg.macs)
+    keys = ("teacher_parameters", "parameters", "teacher_macs_per_call", "macs_per_call", "relative_output_deviation",
+            "relative_output_deviation_random_init")
+    return {k: report[k] for k in keys if k in report}
