@@ -379,7 +379,10 @@ def depth_pass(plan: Plan, teacher_keys: Iterable[str], student_keys: Iterable[s
         kept = sorted(np.argsort(scores)[::-1][:n].tolist())
         plan.layers[attn] = kept
         if n < t_depth[attn]:
+            gone = [f"{attn}.transformer_blocks.{b}." for b in range(t_depth[attn]) if b not in kept]
+            removed = sum(int(np.prod(source.shape(k))) for k in source.keys() if k.startswith(tuple(gone)))
             plan.report.append({"pass": "depth", "block": attn, "teacher_layers": t_depth[attn], "kept": kept,
+                                "parameters_removed": removed,
                                 "scores": [round(float(s), 6) for s in scores],
                                 "criterion": "skip-output-change" if measured else "write-norm"})
     return plan
