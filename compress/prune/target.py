@@ -248,6 +248,9 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str = "ma
     if text is None and probe.folder is not None and (probe.folder / "text_encoder" / "config.json").is_file():
         from dreamlite.models.text import load_text_encoder
         text = load_text_encoder(probe.folder / "text_encoder")
-    bundle = Bundle(student, "flow", True, size, text, probe.codec, name=str(out))
+    # Until recovery training retrains it as a flow model, the student predicts what its teacher predicted, on the
+    # teacher's schedule: recorded so that it samples (and is judged) as what it is.
+    meta = {"schedule": probe.schedule} if probe.prediction == "epsilon" else {}
+    bundle = Bundle(student, probe.prediction, True, size, text, probe.codec, name=str(out), meta=meta)
     bundle.save_pretrained(out, stage="prune", parent=teacher, **{"pruning": {**summary, "passes": report}})
     return {**summary, "passes": report}

@@ -41,6 +41,15 @@ def test_a_target_equal_to_the_teacher_is_an_exact_copy():
     assert max_deviation(t, s) < 1e-6
 
 
+def test_new_identity_initialised_layers_leave_the_output_unchanged():
+    """The teacher plus DreamLite's new stage-1 cross-attention: the new layer starts as the identity."""
+    t = teacher()
+    blocks = ["CrossAttnDownRemoveSelfAttnBlock2D"] + list(t.config.down_block_types[1:])
+    s = dreamlite_twin(t, down_block_types=blocks, transformer_layers_per_block=[1, 1, 2])
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)[-1]
+    assert report["parameters"]["new"] > 0 and max_deviation(t, s) < 1e-6
+
+
 @torch.no_grad()
 def test_separable_convs_and_shared_kv_heads_are_exact_when_the_teacher_is_expressible():
     """Dense convs of rank 1 (expanding) and rank 2 (contracting) per input channel, and identical key/value heads,
@@ -120,6 +129,8 @@ def test_cli_prunes_a_folder_to_a_config_file_and_the_result_samples(tiny_folder
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "student" / "dreamlite.json").read_text())
     assert meta["pruning"]["importance"] == "taylor" and "relative_output_deviation" in meta["pruning"]
+    # untrained, it still predicts what its teacher predicts, on the teacher's schedule
+    assert meta["prediction"] == "epsilon" and meta["schedule"] == "linear" and meta["in_context"]
     r = invoke("sample", "--model", tmp_path / "student", "--prompt", "a red circle", "--steps", 2,
                "--out", tmp_path / "x.png")
     assert r.exit_code == 0, r.output
