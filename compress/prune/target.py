@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from dreamlite.io import DreamliteError, read_json
 
-from .unet import RandomSource, SafetensorsSource, StateDictSource, TensorSource, prune_unet, skip_scores, dims_of
+from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, dims_of, patch_statistics,
+                   prune_unet, skip_scores)
 
 TARGET_CLASS = "DreamLiteUNetModel"
 
@@ -200,7 +201,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str = "ma
                              "(pruning only removes: same number of stages, none wider)")
 
     t_cfg = dict(probe.unet.config)
-    full = batches = grads = measured = pooled = None
+    full = batches = grads = measured = pooled = patch_cov = None
     if calib:
         say(f"calibration: {calib} batches of rendered scenes")
         full = load_bundle(teacher, seed=seed)
@@ -208,7 +209,9 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str = "ma
         batches = calibration_batches(full, calib, seed)
         source: TensorSource = StateDictSource(full.unet.state_dict())
         say("depth: measuring each transformer layer's effect on the output")
-        measured = skip_scores(full.unet, [unet_call(full.unet, b, False) for b in batches])
+        calls = [unet_call(full.unet, b, False) for b in batches]
+        measured = skip_scores(full.unet, calls)
+        patch_cov = patch_statistics(full.unet, calls)
         if importance == "taylor":
             grads = taylor_gradients(full.unet, batches)
         pooled = torch.cat([b["text"].pooled for b in batches]).mean(0)
@@ -221,7 +224,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str = "ma
         from .unet import teacher_spaces
         scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
     report = prune_unet(source, t_cfg, student, "magnitude" if importance == "activation" else importance,
-                        grads, measured, pooled, seed, say, scores=scores_override)
+                        grads, measured, pooled, seed, say, scores=scores_override, patch_cov=patch_cov)
     for r in report:
         if r["pass"] in ("width", "heads") and importance == "activation":
             r["criterion"] = "activation"

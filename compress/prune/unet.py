@@ -432,19 +432,31 @@ def _group_layout(k: int, groups: int) -> list[tuple[int, int]]:
     return [(j, c) for g in range(k // run) for c in (0, 1) for j in range(g * run, (g + 1) * run)]
 
 
-def _rank_fit(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _rank_fit(w: torch.Tensor, rank: int, cov: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per input channel, the best rank-``rank`` factorisation of a dense conv (out, in, kh, kw): depthwise kernels
-    (in, rank, kh*kw) and pointwise columns (out, in, rank); and the relative Frobenius error."""
+    (in, rank, kh*kw) and pointwise columns (out, in, rank); and the relative error.
+
+    ``cov``: (in, kh*kw, kh*kw) second moments of each input channel's patches on calibration batches. With it the
+    fit minimises the error of the conv's *output* on those inputs (an SVD of the kernel whitened by the patch
+    statistics) instead of the kernel's own: feature maps are smooth, so what matters is how a kernel acts on smooth
+    patches, which a rank-1 kernel reproduces far better than it reproduces the kernel."""
     out, cin, kh, kw = w.shape
-    m = w.permute(1, 0, 2, 3).reshape(cin, out, kh * kw)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    m = w.permute(1, 0, 2, 3).reshape(cin, out, kh * kw).double()
+    if cov is None:
+        root = root_inv = torch.eye(kh * kw, dtype=m.dtype).expand(cin, -1, -1)
+    else:
+        c = cov.double() + 1e-6 * cov.double().diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(kh * kw)
+        root = torch.linalg.cholesky(c)  # c = root root^T, so |M p|^2 averaged over patches = |M root|_F^2
+        root_inv = torch.linalg.inv(root)
+    u, s, vh = torch.linalg.svd(m @ root, full_matrices=False)
     r = min(rank, s.shape[1])
-    root = s[:, :r].sqrt()
-    depth = vh[:, :r, :] * root[:, :, None]  # (in, r, k)
-    point = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2)  # (out, in, r)
-    approx = torch.einsum("oir,irk->oik", point, depth)
-    err = float((approx - m.permute(1, 0, 2)).norm() / m.norm().clamp_min(1e-12))
-    return depth, point, err
+    half = s[:, :r].sqrt()
+    depth = (vh[:, :r, :] * half[:, :, None]) @ root_inv  # (in, r, k)
+    point = (u[:, :, :r] * half[:, None, :]).permute(1, 0, 2)  # (out, in, r)
+    approx = torch.einsum("oir,irk->iok", point, depth)
+    err = float(((approx - m) @ root).norm() / (m @ root).norm().clamp_min(1e-12))
+    return depth.float(), point.float(), err
 
 
 class _Writer:
@@ -466,7 +478,7 @@ class _Writer:
 
 
 def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan,
-                pooled_mean: torch.Tensor | None = None) -> dict:
+                pooled_mean: torch.Tensor | None = None, patch_cov: dict[str, torch.Tensor] | None = None) -> dict:
     """Write every tensor of ``student`` (built from the target config, freshly initialised) from the teacher's kept
     slices; see the module docstring for what is fitted or new. Returns the materialize report."""
     scfg = dict(student.config)
@@ -499,7 +511,7 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
         sep = re.match(r"^(.*resnets\.\d+)\.conv1\.depthwise\.weight$", name)
         if sep:
             _separable_resnet(sep.group(1), student_name_to_teacher(sep.group(1), plan), source, tcfg, scfg, sd,
-                              plan, sizes, sliced, w, fit_errors, dropped)
+                              plan, sizes, sliced, w, fit_errors, dropped, patch_cov or {})
             continue
         if re.search(r"resnets\.\d+\.(conv1|conv2)\.(depthwise|pointwise)\.weight$", name):
             continue  # written with their conv1.depthwise
@@ -563,7 +575,7 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
 
 
 def _separable_resnet(prefix: str, tprefix: str, source, tcfg, scfg, sd, plan, sizes, sliced, w: _Writer,
-                      fit_errors, dropped):
+                      fit_errors, dropped, patch_cov: dict[str, torch.Tensor]):
     inner = dims_of(f"{tprefix}.norm2.weight", (1,), tcfg)[0]
     keep = plan.index(inner, sizes)
     k = len(keep)
@@ -571,7 +583,9 @@ def _separable_resnet(prefix: str, tprefix: str, source, tcfg, scfg, sd, plan, s
     b1 = source.get(f"{tprefix}.conv1.bias")[keep]
     layout = _group_layout(k, scfg.get("norm_num_groups") or 32)
     rows = torch.tensor([j for j, _ in layout])
-    d1, p1, e1 = _rank_fit(w1, 1)
+    into = plan.index(dims_of(f"{tprefix}.conv1.weight", (1, 1), tcfg)[1], sizes)
+    cov1 = patch_cov.get(f"{tprefix}.conv1")
+    d1, p1, e1 = _rank_fit(w1, 1, None if cov1 is None else cov1[into])
     fit_errors["conv1_rank1"].append(e1)
     w.put(f"{prefix}.conv1.depthwise.weight", d1[:, 0, :].reshape(w1.shape[1], 1, *w1.shape[2:]), "fitted")
     w.put(f"{prefix}.conv1.pointwise.weight", p1[rows, :, 0][..., None, None], "fitted")
@@ -582,7 +596,8 @@ def _separable_resnet(prefix: str, tprefix: str, source, tcfg, scfg, sd, plan, s
     for part in ("weight", "bias"):
         w.put(f"{prefix}.norm2.{part}", source.get(f"{tprefix}.norm2.{part}")[keep][rows], "fitted")
     w2 = sliced(f"{tprefix}.conv2.weight", ())  # (out, k, 3, 3)
-    d2, p2, e2 = _rank_fit(w2, 2)
+    cov2 = patch_cov.get(f"{tprefix}.conv2")
+    d2, p2, e2 = _rank_fit(w2, 2, None if cov2 is None else cov2[keep])
     fit_errors["conv2_rank2"].append(e2)
     copies = torch.tensor([c for _, c in layout])
     if d2.shape[1] < 2:  # a 1x1 kernel has rank 1: the copy carries nothing
@@ -671,10 +686,13 @@ def target_sizes(student_sd: dict[str, torch.Tensor], source: TensorSource, tcfg
 def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, criterion: str = "magnitude",
                grads: dict[str, torch.Tensor] | None = None, measured_depth: dict[str, list[float]] | None = None,
                pooled_mean: torch.Tensor | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
-               scores: dict[str, torch.Tensor] | None = None) -> list[dict]:
+               scores: dict[str, torch.Tensor] | None = None,
+               patch_cov: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Fill ``student`` (a DreamLiteUNetModel built from the target config) from the teacher: depth, width and
     heads passes, then materialize. ``scores``: channel scores per space computed elsewhere (activation statistics);
-    otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). Returns the per-pass report."""
+    otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). ``patch_cov``: per teacher ResNet
+    conv, the input patch statistics the separable fits are weighted by (``patch_statistics``). Returns the
+    per-pass report."""
     say = progress or (lambda _m: None)
     tcfg, scfg = dict(teacher_config), dict(student.config)
     sd = student.state_dict()
@@ -696,5 +714,37 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
     for s in spaces:  # spaces the student does not touch keep nothing; spaces it keeps whole keep everything
         plan.keep.setdefault(s, torch.arange(spaces[s].size))
     say("materialize: inheriting, fitting and initialising the target's tensors")
-    plan.report.append(materialize(source, tcfg, student, plan, pooled_mean))
+    plan.report.append(materialize(source, tcfg, student, plan, pooled_mean, patch_cov))
     return plan.report
+
+
+@torch.no_grad()
+def patch_statistics(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Second moments (in, 9, 9) of the 3x3 input patches of every ResNet conv, on calibration batches (what the
+    separable-conv fits are weighted by)."""
+    import torch.nn.functional as F
+
+    stats: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].float()
+            b, c = x.shape[:2]
+            patches = F.unfold(x, module.kernel_size, padding=module.padding).view(b, c, -1, x.shape[-2] * x.shape[-1])
+            second = torch.einsum("bcpl,bcql->cpq", patches, patches)
+            stats[name] = stats.get(name, 0) + second
+            counts[name] = counts.get(name, 0) + b * patches.shape[-1]
+        return hook
+
+    for name, module in unet.named_modules():
+        if re.search(r"resnets\.\d+\.conv[12]$", name) and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+    try:
+        for b in batches:
+            unet(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / counts[k] for k, v in stats.items()}

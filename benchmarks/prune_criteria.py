@@ -1,0 +1,74 @@
+"""shapes teacher -> shapes-mobile with each importance criterion: the pruned-but-untrained student's denoising loss
+on held-out data (the teacher's epsilon objective, unweighted, timesteps spread over the schedule), its output
+deviation from the teacher, and its GenEval-style score; the teacher's own loss and score for reference.
+
+    python benchmarks/prune_criteria.py [--teacher zoo:shapes-server] [--n-per-tag 10] [--calib 4] [--json out.json]
+
+Held-out batches use a seed no calibration batch uses. The student samples as its teacher does (epsilon, DDIM, the
+teacher's schedule and guidance), generating beside a blank (its in-context width).
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dreamlite.compress.prune.target import calibration_batches, prune_to_target, unet_call
+from dreamlite.evaluation.model_bench import bench_gen
+from dreamlite.models.bundle import load_bundle
+from dreamlite.models.sampler import default_settings
+
+CRITERIA = ("magnitude", "taylor", "activation", "random")
+HELD_OUT_SEED = 987_654
+
+
+@torch.no_grad()
+def denoising_loss(bundle, batches) -> float:
+    total = 0.0
+    for b in batches:
+        out = bundle.unet(**unet_call(bundle.unet, b, bundle.in_context)).sample[..., :b["noise"].shape[-1]]
+        total += float((out - b["noise"]).pow(2).mean())
+    return total / len(batches)
+
+
+def score(bundle, n_per_tag: int, seed: int, folder: Path) -> dict:
+    s = default_settings(bundle)
+    s.seed = seed
+    summary = bench_gen(bundle, folder, n_per_tag, 1, s, seed)
+    return {"overall": round(summary["overall"], 3), "per_tag": {k: round(v, 2) for k, v in summary["per_tag"].items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default="zoo:shapes-server")
+    ap.add_argument("--target", default="shapes-mobile")
+    ap.add_argument("--n-per-tag", type=int, default=10)
+    ap.add_argument("--calib", type=int, default=4)
+    ap.add_argument("--held-out", type=int, default=8, help="held-out batches of 8 for the denoising loss")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    teacher = load_bundle(a.teacher)
+    teacher.unet.float().eval()
+    held_out = calibration_batches(teacher, a.held_out, HELD_OUT_SEED)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows["teacher"] = {"loss": round(denoising_loss(teacher, held_out), 4),
+                           **score(teacher, a.n_per_tag, a.seed, Path(tmp) / "teacher")}
+        print("teacher", rows["teacher"], flush=True)
+        for c in CRITERIA:
+            report = prune_to_target(a.teacher, a.target, Path(tmp) / c, c, a.calib, seed=0)
+            student = load_bundle(str(Path(tmp) / c))
+            rows[c] = {"loss": round(denoising_loss(student, held_out), 4),
+                       "deviation": report["relative_output_deviation"],
+                       **score(student, a.n_per_tag, a.seed, Path(tmp) / f"{c}-bench")}
+            print(c, rows[c], flush=True)
+        rows["random-init"] = {"deviation": report["relative_output_deviation_random_init"]}
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
