@@ -353,5 +353,23 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
                   f"-> {out}")
 
 
+@main.command()
+@click.option("--model", required=True, help="A model folder, zoo:NAME or preset with weights.")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--size", type=click.IntRange(8), default=None, help="Image size in pixels (default: the model's).")
+@click.option("--mode", type=click.Choice(["generate", "edit"]), default="generate", show_default=True,
+              help="Static batch = the guidance branches: 2 for generation, 3 for editing.")
+def export(model, out, size, mode):
+    """ONNX artifact (opset 21, static shapes, in-context width included) with a manifest, checked against torch."""
+    from dreamlite.compress.quantize.artifact import export_artifact
+    from dreamlite.models.bundle import load_bundle
+    bundle = load_bundle(model)
+    with staged_dir(out) as work:
+        m = export_artifact(bundle, work, size, mode)
+    console.print(f"{m['parameters']:,} parameters, {m['bytes'] / 2 ** 20:.1f} MiB, inputs "
+                  + ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
+                  + f"; ORT vs torch max |diff| {m['check']['ort_vs_torch_max_abs']:.1e} -> {out}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

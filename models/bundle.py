@@ -40,6 +40,7 @@ class Bundle:
     name: str = ""
     folder: Path | None = None
     meta: dict = field(default_factory=dict)
+    denoiser: object = None  # an exported artifact's ONNX Runtime denoiser (the U-Net is then a meta-device shell)
 
     @property
     def schedule(self) -> str:
@@ -130,6 +131,8 @@ def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0, samp
         raise DreamliteError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor an existing folder")
     if folder.is_file():
         raise DreamliteError(f"{spec}: a weights file needs its architecture: PRESET:{spec}")
+    if (folder / "manifest.json").is_file():
+        return _from_artifact(folder)
     unet_dir = _unet_folder(folder)
     unet = load_unet(unet_dir, device, meta)
     info = read_json(folder / META) if (folder / META).is_file() else {}
@@ -165,3 +168,19 @@ def _from_file(preset: str, path: str, device="cpu") -> Bundle:
         raise DreamliteError(f"{path}: does not match preset {preset!r} ({str(e).splitlines()[1].strip()})") from None
     b.name, b.meta = f"{preset}:{path}", {**b.meta, "weights": str(file)}
     return b
+
+
+def _from_artifact(folder: Path) -> Bundle:
+    """An exported artifact (compress/quantize/artifact.py): the ONNX graph is the denoiser; the U-Net, built on the
+    meta device from the recorded config, only describes it."""
+    from dreamlite.compress.quantize.artifact import load_artifact
+
+    manifest, session = load_artifact(folder)
+    from .sampler import OrtDenoiser
+
+    info = read_json(folder / META) if (folder / META).is_file() else {}
+    unet = load_unet(folder, meta=True)
+    text = load_text_encoder(folder / "text_encoder") if (folder / "text_encoder" / "config.json").is_file() else None
+    codec = PixelUnshuffleCodec() if info.get("codec", {}).get("kind") == "pixel-unshuffle" else None
+    return Bundle(unet, manifest["prediction"], manifest["in_context"], manifest["image_size"][0], text, codec,
+                  name=str(folder), folder=folder, meta={**info, "artifact": manifest}, denoiser=OrtDenoiser(session))

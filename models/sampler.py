@@ -182,7 +182,9 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
     """Text-to-image: uint8 (B, H, W, 3); image i uses seed ``s.seed + first_index + i``."""
     s = _check(b, s)
     size = size or b.image_size
-    denoiser = denoiser or UNetDenoiser(b.unet, size, size, s.precision)
+    if b.denoiser is not None and size != b.image_size:
+        raise DreamliteError(f"{b.name}: the artifact was exported for {b.image_size} px images, not {size}")
+    denoiser = denoiser or b.denoiser or UNetDenoiser(b.unet, size, size, s.precision)
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]
@@ -203,7 +205,7 @@ def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings 
     if sources.shape[1:3] != (b.image_size, b.image_size):
         raise DreamliteError(f"image: {sources.shape[2]}x{sources.shape[1]} px, the model edits "
                              f"{b.image_size}x{b.image_size} images (resize it first, or pass --resize to dreamlite edit)")
-    denoiser = denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size, s.precision)
+    denoiser = denoiser or b.denoiser or UNetDenoiser(b.unet, b.image_size, b.image_size, s.precision)
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]

@@ -48,8 +48,9 @@ def example_inputs(unet: nn.Module, batch: int, latent_hw: tuple[int, int], text
 
 
 def export_onnx(unet: nn.Module, path, batch: int, latent_hw: tuple[int, int], image_hw: tuple[int, int],
-                text_tokens: int) -> Path:
-    """Export ``unet`` (fp32) to ``path`` with opset 21 and static shapes; the file appears only when complete."""
+                text_tokens: int, external: bool = False) -> Path:
+    """Export ``unet`` (fp32) to ``path`` with opset 21 and static shapes; the file appears only when complete.
+    ``external``: weights in ``path.data`` beside the graph (needed past protobuf's 2 GB limit)."""
     import onnx
 
     path = Path(path)
@@ -61,6 +62,29 @@ def export_onnx(unet: nn.Module, path, batch: int, latent_hw: tuple[int, int], i
                                         input_names=input_names(unet), output_names=["out"], optimize=True)
         except Exception as e:  # the exporter raises many types; say which model failed and why, in one line
             raise DreamliteError(f"ONNX export of {type(unet).__name__} failed: {str(e).splitlines()[0]}") from None
+        if external:
+            _save_external(program, path)
+            onnx.checker.check_model(str(path), full_check=True)
+            Path(tmp).unlink()
+            return path
         program.save(str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
+
+
+def _save_external(program, path: Path) -> None:
+    """Graph at ``path``, weights in ``path.data``; both written under temporary names and renamed together."""
+    import onnx
+
+    stage = path.with_name(f".{path.name}.staging")
+    stage.mkdir(exist_ok=True)
+    try:
+        program.save(str(stage / "g.onnx"), external_data=False)
+        model = onnx.load(str(stage / "g.onnx"))
+        onnx.save_model(model, str(stage / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+        (stage / f"{path.name}.data").replace(path.with_name(f"{path.name}.data"))
+        (stage / path.name).replace(path)
+    finally:
+        import shutil
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Deployable artifacts: a folder a phone (or ONNX Runtime anywhere) runs, self-describing and checked on load.
+
+    unet.onnx [+ unet.onnx.data]   the denoiser, static shapes (batch = guidance branches, in-context width included)
+    config.json                    the U-Net's diffusers config (what the graph computes; no weights)
+    text_encoder/, dreamlite.json  copied from the model, so the artifact samples on its own
+    manifest.json                  inputs / outputs (names, shapes, dtypes), scheme, image size, parameter count,
+                                   bytes, the export check, and the sha256 of every file
+
+``load_artifact`` refuses a folder whose files do not match the manifest, or whose manifest names a path outside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamlite.io import DreamliteError, inside, read_json, write_json
+
+from .export import example_inputs, export_onnx, input_names
+
+MANIFEST = "manifest.json"
+GRAPH = "unet.onnx"
+FORMAT = "dreamlite-onnx/1"
+BRANCHES = {"generate": 2, "edit": 3}  # classifier-free guidance branches run as one batch
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _io(session) -> tuple[list[dict], list[dict]]:
+    def rows(items):
+        return [{"name": i.name, "shape": list(i.shape), "dtype": i.type.replace("tensor(", "").rstrip(")")}
+                for i in items]
+    return rows(session.get_inputs()), rows(session.get_outputs())
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_artifact(bundle, out, size: int | None = None, mode: str = "generate", batch: int | None = None) -> dict:
+    """Export ``bundle``'s U-Net (fp32) into the artifact folder ``out`` and check ONNX Runtime against torch."""
+    if mode not in BRANCHES:
+        raise DreamliteError(f"--mode: {mode!r} is not one of {', '.join(BRANCHES)}")
+    if mode == "edit" and not bundle.in_context:
+        raise DreamliteError(f"{bundle.name}: --mode edit needs an in-context model (DreamLite layout)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = size or bundle.image_size
+    factor = bundle.codec.factor if bundle.codec else 8
+    if size % (factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)):
+        raise DreamliteError(f"--size: {size} px is not a multiple of what the U-Net downsamples to")
+    h = size // factor
+    latent = (h, 2 * h if bundle.in_context else h)
+    batch = batch or BRANCHES[mode]
+    tokens = bundle.text.config.max_tokens if hasattr(getattr(bundle.text, "config", None), "max_tokens") else 77
+    unet = bundle.unet.float().eval()
+    export_onnx(unet, out / GRAPH, batch, latent, (size, size), tokens,
+                external=sum(p.numel() for p in unet.parameters()) * 4 > 1_800_000_000)
+    unet.save_config(out)
+    if bundle.folder is not None:
+        for name in ("text_encoder", "dreamlite.json"):
+            src = bundle.folder / name
+            if src.is_dir():
+                shutil.copytree(src, out / name, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, out / name)
+    sess = session(out / GRAPH)
+    inputs, outputs = _io(sess)
+    args = example_inputs(unet, batch, latent, tokens)
+    with torch.no_grad():
+        from .export import UNetGraph
+        ref = UNetGraph(unet, size, size)(*args).numpy()
+    got = sess.run(None, {n: a.numpy() for n, a in zip(input_names(unet), args)})[0]
+    diff = float(np.abs(got - ref).max())
+    manifest = {
+        "format": FORMAT, "scheme": "fp32", "model": bundle.name, "mode": mode, "image_size": [size, size],
+        "latent": [unet.config.in_channels, *latent], "batch": batch, "text_tokens": tokens, "opset": 21,
+        "in_context": bundle.in_context, "prediction": bundle.prediction,
+        "inputs": inputs, "outputs": outputs, "parameters": sum(p.numel() for p in unet.parameters()),
+        "check": {"ort_vs_torch_max_abs": diff, "torch_max_abs": float(np.abs(ref).max())},
+    }
+    files = _files(out)
+    manifest["bytes"] = sum(f["bytes"] for f in files.values() if f is not None)
+    manifest["files"] = files
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def verify(folder) -> dict:
+    """The manifest of an artifact folder, after checking every file it lists (present, inside, same sha256)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise DreamliteError(f"{folder}: not an artifact (no {MANIFEST})")
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise DreamliteError(f"{folder / MANIFEST}: format: expected {FORMAT!r} with a files table")
+    for rel, info in manifest["files"].items():
+        path = inside(folder, rel, f"{folder / MANIFEST}: files")
+        if not path.is_file():
+            raise DreamliteError(f"{folder / MANIFEST}: files: {rel} is missing")
+        if not isinstance(info, dict) or sha256(path) != info.get("sha256"):
+            raise DreamliteError(f"{path}: does not match the manifest's sha256 (changed or corrupt)")
+    return manifest
+
+
+def load_artifact(folder, threads: int | None = None):
+    """(manifest, ONNX Runtime session) of a verified artifact folder."""
+    folder = Path(folder)
+    manifest = verify(folder)
+    return manifest, session(folder / GRAPH, threads)

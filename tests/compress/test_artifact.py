@@ -1,0 +1,69 @@
+"""ONNX artifacts: exported with a manifest, checked against torch, sampled through ONNX Runtime, refused when any
+file does not match the manifest."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dreamlite.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "mobile-edit"
+    r = invoke("export", "--model", tiny_folders["shapes-mobile"], "--mode", "edit", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_manifest_describes_the_static_graph(artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    shapes = {i["name"]: i["shape"] for i in m["inputs"]}
+    assert shapes["sample"] == [3, 48, 16, 32]  # 3 guidance branches, (target | source) width
+    assert m["check"]["ort_vs_torch_max_abs"] < 1e-4 * max(1.0, m["check"]["torch_max_abs"])
+    assert set(m["files"]) >= {"unet.onnx", "config.json", "dreamlite.json", "text_encoder/model.safetensors"}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+
+
+def test_the_artifact_samples_and_edits_through_onnx_runtime(artifact, tiny_folders, tmp_path):
+    for model in (artifact, tiny_folders["shapes-mobile"]):
+        r = invoke("sample", "--model", model, "--prompt", "a red circle", "--steps", 2, "--seed", 3,
+                   "--out", tmp_path / f"{model.name}.png")
+        assert r.exit_code == 0, r.output
+    onnx_img = np.asarray(Image.open(tmp_path / f"{artifact.name}.png"), dtype=int)
+    torch_img = np.asarray(Image.open(tmp_path / "shapes-mobile.png"), dtype=int)
+    assert np.abs(onnx_img - torch_img).max() <= 2
+    r = invoke("edit", "--model", artifact, "--image", tmp_path / "shapes-mobile.png", "--prompt",
+               "make the circle blue", "--steps", 2, "--out", tmp_path / "e.png")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_changed_file_or_an_escaping_path_is_refused(artifact, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    (bad / "config.json").write_text((bad / "config.json").read_text() + " ")
+    r = invoke("info", bad)
+    assert r.exit_code == 1 and "does not match the manifest's sha256" in r.output, r.output
+    m = json.loads((artifact / "manifest.json").read_text())
+    m["files"]["../outside"] = {"bytes": 1, "sha256": "0" * 64}
+    shutil.copy2(artifact / "config.json", bad / "config.json")
+    (bad / "manifest.json").write_text(json.dumps(m))
+    r = invoke("info", bad)
+    assert r.exit_code == 1 and "../outside" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "edit"], "--mode edit needs an in-context model"),
+    (["--size", "60"], "--size: 60 px is not a multiple"),
+])
+def test_bad_export_input_is_one_line(args, message, tiny_folders, tmp_path):
+    r = invoke("export", "--model", tiny_folders["shapes-server"], *args, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
