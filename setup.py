@@ -13,6 +13,9 @@ PACKAGES = {
     "dreamlite.evaluation.shapes": "evaluation/shapes",
 }
 
+# Qualcomm QNN execution provider (HTP backend; a host simulator on Linux x86_64): for dreamlite qnn-check.
+QNN = "onnxruntime-qnn>=2.7; platform_system == \"Linux\" and platform_machine == \"x86_64\""
+
 setup(
     name="dreamlite",
     version="0.1.0",
@@ -40,6 +43,9 @@ setup(
         "onnxruntime>=1.20",
         "torch-pruning==1.6.1",
     ],
-    extras_require={"test": ["pytest>=7", "transformers>=4.40"]},
+    extras_require={
+        "qnn": [QNN],
+        "test": ["pytest>=7", "transformers>=4.40", QNN],
+    },
     entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},
 )

@@ -371,5 +371,44 @@ def export(model, out, size, mode):
                   + f"; ORT vs torch max |diff| {m['check']['ort_vs_torch_max_abs']:.1e} -> {out}")
 
 
+@main.command()
+@click.option("--model", required=True, help="A model folder (exported first) or an fp32 artifact.")
+@click.option("--scheme", type=click.Choice(["w8a16", "w8a8"]), default="w8a16", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--calib", type=int, default=8, show_default=True,
+              help="Generations (and edits, for in-context models) the sampler runs for calibration.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps (default: the model's).")
+@click.option("--keep-float", multiple=True, help="Keep nodes of this module (e.g. conv_out) in float; repeatable.")
+@click.option("--size", type=click.IntRange(8), default=None)
+@click.option("--mode", type=click.Choice(["generate", "edit"]), default="generate", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def quantize(model, scheme, out, calib, steps, keep_float, size, mode, seed):
+    """QDQ ONNX for Qualcomm QNN (W8A16 or W8A8), calibrated on the sampler's own denoiser calls."""
+    from dreamlite.compress.quantize.qdq import quantize_artifact
+    with staged_dir(out) as work:
+        m = quantize_artifact(model, work, scheme, calib, steps, tuple(keep_float), seed, size, mode,
+                              say=console.print)
+    console.print(f"{scheme}: {m['bytes'] / 2 ** 20:.1f} MiB, relative error vs fp32 "
+                  f"{m['check']['relative_error_vs_fp32']:.4f} on {m['check']['held_out_calls']} recorded calls -> {out}")
+
+
+@main.command(name="qnn-check")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--no-compare", is_flag=True, help="Skip the output comparison with the CPU provider.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def qnn_check_cmd(artifact, no_compare, json_path):
+    """Build the artifact on the QNN HTP backend with CPU fallback disabled; exit 1 unless every node runs on QNN."""
+    from dreamlite.compress.quantize.qnn import qnn_check
+    r = qnn_check(artifact, compare=not no_compare)
+    if json_path:
+        write_json(json_path, r)
+    console.print(f"{r['scheme']}: {r['on_qnn']}/{r['nodes']} nodes on QNN HTP ({100 * r['coverage']:.1f}%)"
+                  + (f", relative difference vs CPU {r['relative_diff_vs_cpu']}" if "relative_diff_vs_cpu" in r else "")
+                  + (f"; {r['compare_error']}" if "compare_error" in r else ""))
+    if not r["passed"]:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(r["not_on_qnn"].items())) or r["error"]
+        raise DreamliteError(f"{artifact}: not every node runs on QNN HTP ({ops})")
+
+
 if __name__ == "__main__":
     sys.exit(main())

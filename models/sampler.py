@@ -83,9 +83,9 @@ class OrtDenoiser:
         self.names = [i.name for i in session.get_inputs()]
         self.batch = session.get_inputs()[0].shape[0]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextStates) -> torch.Tensor:
+    def feeds(self, x: torch.Tensor, t: torch.Tensor, text: TextStates):
+        """The session feeds of one call: chunks of the graph's batch (the last padded), and each chunk's size."""
         inputs = {"sample": x, "timestep": t.float(), "encoder_hidden_states": text.states, "text_embeds": text.pooled}
-        outs = []
         for k in range(0, x.shape[0], self.batch):
             feed = {}
             for name in self.names:
@@ -94,8 +94,10 @@ class OrtDenoiser:
                 if pad:
                     part = torch.cat([part, part[-1:].expand(pad, *part.shape[1:])])
                 feed[name] = part.numpy()
-            outs.append(torch.from_numpy(self.session.run(None, feed)[0])[: min(self.batch, x.shape[0] - k)])
-        return torch.cat(outs)
+            yield feed, min(self.batch, x.shape[0] - k)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextStates) -> torch.Tensor:
+        return torch.cat([torch.from_numpy(self.session.run(None, feed)[0])[:n] for feed, n in self.feeds(x, t, text)])
 
 
 def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl"):

@@ -67,3 +67,43 @@ def test_bad_export_input_is_one_line(args, message, tiny_folders, tmp_path):
     r = invoke("export", "--model", tiny_folders["shapes-server"], *args, "--out", tmp_path / "o")
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def w8a16(artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "w8a16"
+    r = invoke("quantize", "--model", artifact, "--scheme", "w8a16", "--calib", 1, "--steps", 2, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_w8a16_is_calibrated_on_the_samplers_calls_and_stays_close(w8a16, tmp_path):
+    m = json.loads((w8a16 / "manifest.json").read_text())
+    assert m["scheme"] == "w8a16" and m["calibration"]["activation_type"] == "QUInt16"
+    # one generation and one edit, 2 steps, 2 and 3 guidance branches through a batch-3 graph: 4 calls
+    assert m["calibration"]["denoiser_calls"] == 4 and m["calibration"]["edits"] == 1
+    assert m["check"]["relative_error_vs_fp32"] < 0.05
+    r = invoke("sample", "--model", w8a16, "--prompt", "a red circle", "--steps", 2, "--out", tmp_path / "q.png")
+    assert r.exit_code == 0, r.output
+
+
+def test_qnn_check_reports_placement_on_the_htp_backend(w8a16, artifact):
+    """The session is built with CPU fallback off; placement is counted per op type from a session with it on.
+    (At tiny widths a few ops stay off QNN; what does is named, and the command fails unless all are on it.)"""
+    pytest.importorskip("onnxruntime_qnn")
+    from dreamlite.compress.quantize.qnn import qnn_check
+    report = qnn_check(w8a16, compare=False)
+    assert report["nodes"] > 100 and 0.9 < report["coverage"] <= 1.0
+    assert report["passed"] == (report["on_qnn"] == report["nodes"]) and (report["passed"] or report["not_on_qnn"])
+    r = invoke("qnn-check", artifact, "--no-compare")  # fp32: the HTP backend does not take it
+    assert r.exit_code == 1 and "not every node runs on QNN HTP" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calib", "0"], "--calib: 0 calibration samples"),
+    (["--keep-float", "no_such_module"], "--keep-float: no node of the graph matches 'no_such_module'"),
+])
+def test_bad_quantize_input_is_one_line(args, message, artifact, tmp_path):
+    r = invoke("quantize", "--model", artifact, "--steps", 1, "--calib", 1, *args, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()

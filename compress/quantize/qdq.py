@@ -1,0 +1,160 @@
+"""W8A16 / W8A8 QDQ quantization for Qualcomm QNN, calibrated on what the deployed sampler actually feeds the U-Net.
+
+Calibration runs the project's own sampler (the steps and guidance the model's defaults give) on the fp32 artifact
+and records every denoiser call: text-to-image prompts, and for in-context models instruction edits too, at every
+step, all guidance branches. ONNX Runtime's QNN configuration (``get_qnn_qdq_config``) then places QDQ pairs as QNN
+wants: 16-bit (W8A16, Qualcomm's choice for Stable Diffusion) or 8-bit (W8A8) activations, 8-bit per-channel conv
+weights where QNN allows.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dreamlite.io import DreamliteError, write_json
+
+from .artifact import GRAPH, MANIFEST, _files, _io, export_artifact, load_artifact, session
+
+SCHEMES = ("w8a16", "w8a8")
+
+
+class _Recorder:
+    """A denoiser that runs the fp32 session and keeps every feed it sends (the calibration set)."""
+
+    def __init__(self, inner):
+        self.inner, self.feeds = inner, []
+
+    def __call__(self, x, t, text):
+        import torch
+
+        outs = []
+        for feed, n in self.inner.feeds(x, t, text):
+            self.feeds.append(feed)
+            outs.append(torch.from_numpy(self.inner.session.run(None, feed)[0])[:n])
+        return torch.cat(outs)
+
+
+def calibration_feeds(bundle, n: int, seed: int, steps: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Denoiser feeds of ``n`` generations (and ``n`` edits for in-context models) with the model's sampling
+    defaults; prompts and edits come from a seed the benchmarks do not use."""
+    from dreamlite.evaluation.geneval import gen_prompts
+    from dreamlite.evaluation.shapes import render
+    from dreamlite.evaluation.shapes.world import EDIT_TYPES, sample_edit
+    from dreamlite.models.sampler import default_settings, edit, generate
+
+    if n < 1:
+        raise DreamliteError(f"--calib: {n} calibration samples; at least 1 is needed")
+    s = default_settings(bundle)
+    s.seed, s.batch = seed, 4
+    if steps:
+        s.steps = steps
+    rec = _Recorder(bundle.denoiser)
+    prompts = [p.prompt for p, _ in gen_prompts(max(1, -(-n // 6)), seed + 17)][:n]
+    generate(bundle, prompts, s, denoiser=rec)
+    if bundle.in_context:
+        rng = np.random.default_rng([seed, 29])
+        records = [sample_edit(rng, EDIT_TYPES[i % len(EDIT_TYPES)]) for i in range(n)]
+        sources = np.stack([render(r.source, bundle.image_size) for r in records])
+        edit(bundle, sources, [r.prompt for r in records], s, denoiser=rec)
+    return rec.feeds
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, steps: int | None = None,
+                      keep_float: tuple[str, ...] = (), seed: int = 0, size: int | None = None, mode: str = "generate",
+                      say: Callable[[str], None] | None = None) -> dict:
+    """Quantize ``model`` (a model folder or an fp32 artifact) into the artifact folder ``out``."""
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    from dreamlite.models.bundle import load_bundle
+
+    say = say or (lambda _m: None)
+    if scheme not in SCHEMES:
+        raise DreamliteError(f"--scheme: {scheme!r} is not a scheme QNN runs here (one of {', '.join(SCHEMES)})")
+    if calib < 1:
+        raise DreamliteError(f"--calib: {calib} calibration samples; at least 1 is needed")
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(model)
+        if not (src / MANIFEST).is_file():
+            say("export: fp32 ONNX")
+            export_artifact(load_bundle(model), Path(tmp) / "fp32", size, mode)
+            src = Path(tmp) / "fp32"
+        fp32 = load_bundle(str(src))
+        if fp32.meta["artifact"]["scheme"] != "fp32":
+            raise DreamliteError(f"{model}: already quantized ({fp32.meta['artifact']['scheme']}); quantize the fp32 "
+                                 "model or artifact")
+        say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
+        feeds = calibration_feeds(fp32, calib, seed, steps)
+        held_out = feeds[1::7]
+        say(f"quantize: {scheme}, {len(feeds)} recorded denoiser calls")
+        pre = Path(tmp) / "pre.onnx"
+        qnn_preprocess_model(str(src / GRAPH), str(pre))
+        act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
+        names = _matching_nodes(pre, keep_float)
+        cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
+                                 per_channel=True, nodes_to_exclude=names or None)
+        out.mkdir(parents=True, exist_ok=True)
+        import logging
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # ORT's quantizer warns once per norm weight
+        try:
+            quantize(str(pre), str(out / GRAPH), cfg)
+        finally:
+            root.setLevel(level)
+        for name in ("config.json", "dreamlite.json", "text_encoder"):
+            p = src / name
+            if p.is_dir():
+                shutil.copytree(p, out / name, dirs_exist_ok=True)
+            elif p.is_file():
+                shutil.copy2(p, out / name)
+        base = session(src / GRAPH)
+        quant = session(out / GRAPH)
+        err = _relative_error(base, quant, held_out)
+        manifest = {**fp32.meta["artifact"], "scheme": scheme, "model": model}
+        manifest["inputs"], manifest["outputs"] = _io(quant)
+        manifest["calibration"] = {"generations": calib, "edits": calib if fp32.in_context else 0,
+                                   "denoiser_calls": len(feeds), "steps": steps or "model default", "seed": seed,
+                                   "activation_type": act.name, "weight_type": "QUInt8 per-channel",
+                                   "kept_float": names}
+        manifest["check"] = {"relative_error_vs_fp32": err, "held_out_calls": len(held_out)}
+        files = _files(out)
+        manifest["bytes"], manifest["files"] = sum(f["bytes"] for f in files.values()), files
+        write_json(out / MANIFEST, manifest)
+    load_artifact(out)
+    return manifest
+
+
+def _matching_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Node names of the graph that contain any of ``patterns`` (module paths such as ``conv_out`` or
+    ``mid_block.attentions``): kept in float."""
+    if not patterns:
+        return []
+    import onnx
+
+    nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
+    found = [n for n in nodes if any(p.replace(".", "/") in n or p in n for p in patterns)]
+    missing = [p for p in patterns if not any(p.replace(".", "/") in n or p in n for n in nodes)]
+    if missing:
+        raise DreamliteError(f"--keep-float: no node of the graph matches {missing[0]!r}")
+    return found
+
+
+def _relative_error(base, quant, feeds) -> float:
+    num = den = 0.0
+    for feed in feeds:
+        a, b = base.run(None, feed)[0], quant.run(None, feed)[0]
+        num, den = num + float(((a - b) ** 2).mean()), den + float((a ** 2).mean())
+    return round((num / max(den, 1e-12)) ** 0.5, 5)
