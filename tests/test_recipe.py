@@ -120,3 +120,16 @@ def test_bench_needs_exactly_one_model(tmp_path):
     data = {"name": "b", "stages": [{"kind": "bench", "bench": "gen"}]}
     with pytest.raises(DreamliteError, match="exactly one of input"):
         load_recipe(write(tmp_path, data))
+
+
+def test_export_quantize_then_bench_the_artifact(tmp_path, tiny_folders):
+    data = {"name": "deploy", "seed": 1, "stages": [
+        {"kind": "export", "name": "onnx", "model": str(tiny_folders["shapes-mobile"]), "mode": "edit"},
+        {"kind": "quantize", "name": "w8a16", "input": "onnx", "calib": 1, "steps": 1},
+        {"kind": "bench", "name": "bench", "bench": "gen", "input": "w8a16", "n": 1, "images_per_prompt": 1,
+         "steps": 1},
+    ]}
+    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    onnx, w8a16, bench = (s["metrics"] for s in report["stages"])
+    assert onnx["scheme"] == "fp32" and w8a16["scheme"] == "w8a16" and w8a16["bytes"] < onnx["bytes"]
+    assert bench["images"] == 6

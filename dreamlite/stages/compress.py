@@ -35,9 +35,61 @@ class PruneStage(StageConfig):
 def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
     from dreamlite.compress.prune.target import prune_to_target
 
-    teacher = str(ctx.input(cfg.input) / "model") if cfg.input else cfg.teacher
+    from .models import stage_model
+    teacher = stage_model(ctx, cfg.input) if cfg.input else cfg.teacher
     report = prune_to_target(teacher, cfg.target, ctx.dir / "model", cfg.importance, cfg.calib, ctx.seed,
                              say=ctx.log, params=cfg.params, macs=cfg.macs)
     keys = ("teacher_parameters", "parameters", "teacher_macs_per_call", "macs_per_call", "relative_output_deviation",
             "relative_output_deviation_random_init")
     return {k: report[k] for k in keys if k in report}
+
+
+class _ModelInput(StageConfig):
+    input: str | None = Field(None, description="earlier stage whose model/ folder (or artifact/) is used")
+    model: str | None = Field(None, description="or: zoo:NAME, a model folder or an artifact folder")
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if (self.input is None) == (self.model is None):
+            raise ValueError("give exactly one of input (an earlier stage) and model")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if self.input else []
+
+    def source(self, ctx: StageContext) -> str:
+        from .models import stage_model
+        return self.model or stage_model(ctx, self.input)
+
+
+class ExportStage(_ModelInput):
+    kind: Literal["export"]
+    size: int | None = Field(None, ge=8, description="image size in pixels (default: the model's)")
+    mode: Literal["generate", "edit"] = "generate"
+
+
+@stage(ExportStage)
+def run_export(cfg: ExportStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.quantize.artifact import export_artifact
+    from dreamlite.models.bundle import load_bundle
+
+    m = export_artifact(load_bundle(cfg.source(ctx)), ctx.dir / "artifact", cfg.size, cfg.mode)
+    return {"scheme": m["scheme"], "bytes": m["bytes"], "parameters": m["parameters"], **m["check"]}
+
+
+class QuantizeStage(_ModelInput):
+    kind: Literal["quantize"]
+    scheme: Literal["w8a16", "w8a8"] = "w8a16"
+    calib: int = Field(8, ge=1, description="generations (and edits, for in-context models) run for calibration")
+    steps: int | None = Field(None, ge=1)
+    keep_float: list[str] = Field(default_factory=list)
+    mode: Literal["generate", "edit"] = "generate"
+
+
+@stage(QuantizeStage)
+def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.quantize.qdq import quantize_artifact
+
+    m = quantize_artifact(cfg.source(ctx), ctx.dir / "artifact", cfg.scheme, cfg.calib, cfg.steps,
+                          tuple(cfg.keep_float), ctx.seed, mode=cfg.mode, say=ctx.log)
+    return {"scheme": m["scheme"], "bytes": m["bytes"], **m["check"]}

@@ -11,6 +11,12 @@ from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
 
 
+def stage_model(ctx: StageContext, name: str) -> str:
+    """What an earlier stage made: its deployable artifact/ when it has one, else its model/ folder."""
+    folder = ctx.input(name)
+    return str(folder / ("artifact" if (folder / "artifact").is_dir() else "model"))
+
+
 class SamplerDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(50, ge=1)
@@ -86,7 +92,7 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import default_settings
 
-    bundle = load_bundle(str(ctx.input(cfg.input) / "model") if cfg.input else cfg.model, sampling=True)
+    bundle = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.model, sampling=True)
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
     for k in ("steps", "cfg", "image_cfg", "precision"):
