@@ -7,6 +7,8 @@ from pydantic import Field, model_validator
 
 from dreamlite.recipe import StageConfig, StageContext, stage
 
+from .models import ModelInput, stage_model
+
 
 class PruneStage(StageConfig):
     kind: Literal["prune"]
@@ -35,7 +37,6 @@ class PruneStage(StageConfig):
 def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
     from dreamlite.compress.prune.target import prune_to_target
 
-    from .models import stage_model
     teacher = stage_model(ctx, cfg.input) if cfg.input else cfg.teacher
     report = prune_to_target(teacher, cfg.target, ctx.dir / "model", cfg.importance, cfg.calib, ctx.seed,
                              say=ctx.log, params=cfg.params, macs=cfg.macs)
@@ -44,25 +45,7 @@ def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
     return {k: report[k] for k in keys if k in report}
 
 
-class _ModelInput(StageConfig):
-    input: str | None = Field(None, description="earlier stage whose model/ folder (or artifact/) is used")
-    model: str | None = Field(None, description="or: zoo:NAME, a model folder or an artifact folder")
-
-    @model_validator(mode="after")
-    def _one_model(self):
-        if (self.input is None) == (self.model is None):
-            raise ValueError("give exactly one of input (an earlier stage) and model")
-        return self
-
-    def inputs(self) -> list[str]:
-        return [self.input] if self.input else []
-
-    def source(self, ctx: StageContext) -> str:
-        from .models import stage_model
-        return self.model or stage_model(ctx, self.input)
-
-
-class ExportStage(_ModelInput):
+class ExportStage(ModelInput):
     kind: Literal["export"]
     size: int | None = Field(None, ge=8, description="image size in pixels (default: the model's)")
     mode: Literal["generate", "edit"] = "generate"
@@ -77,7 +60,7 @@ def run_export(cfg: ExportStage, ctx: StageContext) -> dict:
     return {"scheme": m["scheme"], "bytes": m["bytes"], "parameters": m["parameters"], **m["check"]}
 
 
-class QuantizeStage(_ModelInput):
+class QuantizeStage(ModelInput):
     kind: Literal["quantize"]
     scheme: Literal["w8a16", "w8a8"] = "w8a16"
     calib: int = Field(8, ge=1, description="generations (and edits, for in-context models) run for calibration")

@@ -62,19 +62,10 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     return {**summary, "parameters": sum(p.numel() for p in bundle.unet.parameters())}
 
 
-class BenchStage(StageConfig):
-    kind: Literal["bench"]
-    bench: Literal["gen", "edit"]
-    input: str | None = Field(None, description="earlier stage whose model/ folder is benchmarked")
-    model: str | None = Field(None, description="or: a preset, zoo:NAME, or a model folder")
-    n: int = Field(20, ge=1, description="prompts per GenEval tag, or edits per ImgEdit type")
-    images_per_prompt: int = Field(4, ge=1)
-    steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
-    cfg: float | None = Field(None, ge=0)
-    image_cfg: float | None = Field(None, ge=0)
-    scheduler: Literal["ddim", "euler"] = "ddim"
-    precision: Literal["fp32", "bf16"] | None = None
-    batch: int = Field(16, ge=1)
+class ModelInput(StageConfig):
+    """A stage that reads one model: an earlier stage's (``input``) or one named directly (``model``)."""
+    input: str | None = Field(None, description="earlier stage whose model/ folder (or artifact/) is used")
+    model: str | None = Field(None, description="or: a preset, zoo:NAME, a model folder or an artifact folder")
 
     @model_validator(mode="after")
     def _one_model(self):
@@ -85,6 +76,22 @@ class BenchStage(StageConfig):
     def inputs(self) -> list[str]:
         return [self.input] if self.input else []
 
+    def source(self, ctx: StageContext) -> str:
+        return self.model or stage_model(ctx, self.input)
+
+
+class BenchStage(ModelInput):
+    kind: Literal["bench"]
+    bench: Literal["gen", "edit"]
+    n: int = Field(20, ge=1, description="prompts per GenEval tag, or edits per ImgEdit type")
+    images_per_prompt: int = Field(4, ge=1)
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
+    cfg: float | None = Field(None, ge=0)
+    image_cfg: float | None = Field(None, ge=0)
+    scheduler: Literal["ddim", "euler"] = "ddim"
+    precision: Literal["fp32", "bf16"] | None = None
+    batch: int = Field(16, ge=1)
+
 
 @stage(BenchStage)
 def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
@@ -92,7 +99,7 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import default_settings
 
-    bundle = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.model, sampling=True)
+    bundle = load_bundle(cfg.source(ctx), sampling=True)
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
     for k in ("steps", "cfg", "image_cfg", "precision"):
