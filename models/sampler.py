@@ -111,6 +111,10 @@ def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool =
         return s
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
     extra = {"clip_sample": True, "clip_sample_range": 1.0} if clip and kind == "ddim" else {}
+    if kind == "ddim":
+        # The last step lands on the clean estimate (alpha_bar = 1), not on t = 0's noise level: SDXL's pipelines
+        # stop at alpha_bar[0] (noise std 0.029), invisible after a VAE but grain on a pixel codec.
+        extra["set_alpha_to_one"] = True
     s = cls.from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
     s.set_timesteps(steps)
     return s

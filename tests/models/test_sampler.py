@@ -91,3 +91,23 @@ def test_onnx_runtime_export_samples_the_same_images(which, request, tmp_path):
     torch_latents = denoise(UNetDenoiser(b.unet, 64, 64), b.prediction, noise, branches, s)
     ort_latents = denoise(OrtDenoiser(session), b.prediction, noise, branches, s)  # 6 rows through batch-4 graph
     assert torch.allclose(torch_latents, ort_latents, atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["sdxl", "linear"])
+def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule):
+    """An oracle denoiser (the exact noise of a known clean latent) must lead DDIM to that latent, with no noise
+    left from the last step."""
+    from diffusers import DDPMScheduler
+    from dreamlite.models.teacher import SCHEDULES
+    from dreamlite.models.text import TextStates
+
+    x0 = torch.rand(1, 48, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ac = DDPMScheduler.from_config(SCHEDULES[schedule]).alphas_cumprod
+
+    def oracle(x, t, text):
+        a = ac[t.long()].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    text = TextStates(torch.zeros(1, 2, 4), torch.zeros(1, 4))
+    out = denoise(oracle, "epsilon", torch.randn_like(x0), [(text, None)], SamplerSettings(steps=10, cfg=1), schedule)
+    assert (out - x0).abs().max() < 1e-4
