@@ -100,8 +100,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sd15", "UNet2DConditionModel", SD15, "epsilon", "Stable Diffusion 1.5 U-Net (0.86B)"),
     Preset("dreamlite-0.39b", "DreamLiteUNetModel", DREAMLITE_039B, "flow", "DreamLite mobile U-Net (0.39B)"),
     Preset("shapes-server", "UNet2DConditionModel", SHAPES_SERVER, "epsilon",
-           "SDXL layout at shapes-world scale (the teacher)", codec="pixel-unshuffle", text="shapes",
-           schedule="linear"),
+           "SDXL layout at shapes-world scale (the teacher)", codec="pixel-unshuffle", text="shapes"),
     Preset("shapes-mobile", "DreamLiteUNetModel", SHAPES_MOBILE, "flow",
            "DreamLite layout at shapes-world scale (the student)", codec="pixel-unshuffle", text="shapes"),
 ]}

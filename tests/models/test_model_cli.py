@@ -37,9 +37,12 @@ def test_folder_records_the_training_schedule_the_sampler_uses(tiny_folders, tmp
 
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import make_scheduler
-    assert json.loads((tiny_folders["shapes-server"] / "dreamlite.json").read_text())["schedule"] == "linear"
-    b = load_bundle(str(tiny_folders["shapes-server"]))
-    assert b.schedule == "linear" and load_bundle("sdxl", meta=True).schedule == "sdxl"
+    assert json.loads((tiny_folders["shapes-server"] / "dreamlite.json").read_text())["schedule"] == "sdxl"
+    other = tmp_path / "linear"
+    shutil.copytree(tiny_folders["shapes-server"], other)
+    meta = json.loads((other / "dreamlite.json").read_text())
+    (other / "dreamlite.json").write_text(json.dumps({**meta, "schedule": "linear"}))
+    assert load_bundle(str(other)).schedule == "linear" and load_bundle("sdxl", meta=True).schedule == "sdxl"
     linear, sdxl = make_scheduler("epsilon", 10, schedule="linear"), make_scheduler("epsilon", 10, schedule="sdxl")
     assert linear.timesteps[0] == 999 and linear.alphas_cumprod[-1] < 1e-4 < 1e-3 < sdxl.alphas_cumprod[-1]
     bad = tmp_path / "bad"
