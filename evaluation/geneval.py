@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from dreamlite.io import DreamliteError, identity_track, load_image, read_jsonl, save_png, write_jsonl
-from .shapes import GEN_TAGS, evaluate, parse, render, sample_gen_prompt, scene_for, validate_metadata
-from .shapes.clauses import MetadataError
+from .shapes import GEN_TAGS, parse, render, sample_gen_prompt, scene_for, validate_metadata
+from .shapes.clauses import MetadataError, judge_parsed
 from .shapes.perception import ImageError
 from .shapes.perturb import Perturbation, degrade, jitter
 
@@ -71,7 +71,7 @@ def judge_gen(root, track=identity_track) -> tuple[list[dict], dict]:
             parsed = parse(load_image(path))
         except ImageError as e:
             raise DreamliteError(f"{path}: {e}") from None
-        correct, reason = evaluate(parsed.objects, meta)
+        correct, reason = judge_parsed(parsed, meta)
         results.append({"folder": folder.name, "filename": path.name, "tag": meta["tag"], "correct": bool(correct),
                         "reason": reason})
     return results, summarize_gen(results)

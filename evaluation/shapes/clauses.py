@@ -86,6 +86,18 @@ def evaluate(objects, metadata: dict) -> tuple[bool, str]:
     return correct, "\n".join(reasons)
 
 
+# More pixels than this that fit no background/colour blend and the image is not a scene: the sampler's noise or
+# speckle, whose random blobs would otherwise pass as objects (perturbed renders stay below 0.01).
+MAX_UNEXPLAINED = 0.10
+
+
+def judge_parsed(parsed, meta: dict) -> tuple[bool, str]:
+    """GenEval's clauses on a parsed image, after refusing images that are not clean scenes."""
+    if parsed.unexplained > MAX_UNEXPLAINED:
+        return False, f"not a clean scene: {parsed.unexplained:.0%} of pixels fit no background/colour blend"
+    return evaluate(parsed.objects, meta)
+
+
 def validate_metadata(meta: object, where: str) -> dict:
     """Check a GenEval metadata record against the shapes world; errors name the field (``where`` prefixes them)."""
     if not isinstance(meta, dict):

@@ -47,6 +47,7 @@ class Parsed:
     fragments: int = 0  # foreground regions too small to be objects
     fragment_area: float = 0.0  # their area, fraction of the canvas
     extra: dict = field(default_factory=dict)
+    unexplained: float = 0.0  # fraction of pixels no blend of the background and one palette colour explains
 
     def scene(self) -> Scene:
         return Scene(self.background, tuple(Obj(o.shape, o.color, o.cx, o.cy, o.size, o.style) for o in self.objects))
@@ -61,6 +62,11 @@ def as_rgb(image) -> np.ndarray:
     if img.shape[0] != img.shape[1] or img.shape[0] < 16:
         raise ImageError(f"expected a square image of at least 16 px, got {img.shape[1]}x{img.shape[0]}")
     return img[..., :3]
+
+
+# A pixel further than this (squared RGB distance) from every background/palette blend is not part of a scene:
+# anti-aliasing, blur, JPEG and sensor noise stay well inside it; the speckle of an unfinished sampler does not.
+UNEXPLAINED_RESIDUAL = 48.0 ** 2
 
 
 def _blend_fit(x: np.ndarray, colors: np.ndarray):
@@ -81,7 +87,8 @@ def parse(image) -> Parsed:
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, 0)
     background = _BG_NAMES[int(((_BG_ARRAY - bg_rgb) ** 2).sum(1).argmin())]
-    best, a, _, alpha_all = _blend_fit((img - bg_rgb).reshape(-1, 3), COLOR_ARRAY - bg_rgb)
+    best, a, resid, alpha_all = _blend_fit((img - bg_rgb).reshape(-1, 3), COLOR_ARRAY - bg_rgb)
+    unexplained = float((resid > UNEXPLAINED_RESIDUAL).mean())
     best, a = best.reshape(n, n), a.reshape(n, n)
     alpha_all = alpha_all.reshape(n, n, -1)
     labels, count = ndimage.label(a > 0.5, structure=_EIGHT)
@@ -97,7 +104,7 @@ def parse(image) -> Parsed:
         seen = _read_object(labels, k, sl, best, a, alpha_all, n)
         if seen is not None:
             objects.append(seen)
-    return Parsed(background, objects, fragments, fragment_area, {"bg_rgb": bg_rgb.tolist()})
+    return Parsed(background, objects, fragments, fragment_area, {"bg_rgb": bg_rgb.tolist()}, unexplained)
 
 
 @functools.cache

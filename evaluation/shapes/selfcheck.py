@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .clauses import evaluate
+from .clauses import judge_parsed
 from .edits import score_edit
 from .match import diff
 from .perception import parse
@@ -30,7 +30,7 @@ def gen_accuracy(make_image, n_per_tag: int, seed: int = 0, metadata=None) -> di
             p = sample_gen_prompt(rng, tag)
             image = make_image(scene_for(p, rng), rng)
             meta = metadata(p, rng) if metadata else p.metadata()
-            ok.append(evaluate(parse(image).objects, meta)[0])
+            ok.append(judge_parsed(parse(image), meta)[0])
         scores[tag] = float(np.mean(ok))
     return scores
 

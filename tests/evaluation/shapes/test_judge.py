@@ -49,3 +49,18 @@ def test_parse_reads_every_attribute():
     for want, o in zip(scene.objects, sorted(seen.objects, key=lambda o: o.cx)):
         assert (o.shape, o.color, o.style) == (want.shape, want.color, want.style)
         assert o.cx == pytest.approx(want.cx, abs=0.01) and o.size == pytest.approx(want.size, rel=0.05)
+
+
+def test_noise_is_not_a_scene_even_where_blobs_look_like_objects(rng):
+    """An unfinished sampler's speckle has random blobs that parse as objects; the judge refuses the image instead
+    of scoring the blobs (perturbed renders stay far below the limit)."""
+    from dreamlite.evaluation.shapes.clauses import MAX_UNEXPLAINED, judge_parsed
+    from dreamlite.evaluation.shapes.world import sample_gen_prompt, scene_for
+    p = sample_gen_prompt(rng, "single_object")
+    clean = render(scene_for(p, rng), 64)
+    assert parse(clean).unexplained < 0.01 and judge_parsed(parse(clean), p.metadata())[0]
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    noise[20:40, 20:40] = clean[20:40, 20:40]
+    parsed = parse(noise)
+    correct, reason = judge_parsed(parsed, p.metadata())
+    assert parsed.unexplained > MAX_UNEXPLAINED and not correct and reason.startswith("not a clean scene")
