@@ -321,8 +321,9 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
 @click.option("--macs", default=None, help="A budget in MACs per U-Net call at the model's size (1.4T, 500G).")
 @click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Generic pruning: fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
-@click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default="magnitude",
-              show_default=True, help="Which channels, heads and layers go (taylor / activation need --calib).")
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default=None,
+              help="Which channels, heads and layers go (taylor / activation need calibration). Default: activation "
+                   "when calibration runs (measured best on the shapes teacher), else magnitude.")
 @click.option("--calib", type=click.IntRange(0), default=None,
               help="Calibration batches [--target: 4 for models with a text encoder and codec, else 0 (the teacher "
                    "is then streamed tensor by tensor); --width: 4 random batches].")
@@ -348,7 +349,8 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
         return
     from dreamlite.compress.prune.generic import prune_folder
     with staged_dir(out) as work:
-        report = prune_folder(teacher, work, keep=width, importance=importance, calib=calib or 4, seed=seed)
+        report = prune_folder(teacher, work, keep=width, importance=importance or "magnitude", calib=calib or 4,
+                              seed=seed)
     console.print(f"{report['class']}: {report['parameters_before']:,} -> {report['parameters_after']:,} parameters "
                   f"-> {out}")
 

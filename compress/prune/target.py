@@ -167,12 +167,13 @@ def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[di
 
 
 # ------------------------------------------------------------------------------------------------------ the command
-def prune_to_target(teacher: str, target: str | None, out, importance: str = "magnitude", calib: int | None = None,
+def prune_to_target(teacher: str, target: str | None, out, importance: str | None = None, calib: int | None = None,
                     seed: int = 0, say: Callable[[str], None] | None = None, params: str | None = None,
                     macs: str | None = None) -> dict:
     """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file), or
     to the largest DreamLite layout within ``params`` / ``macs`` ('0.39B', '1.4T'), and write the model folder
-    ``out``. Returns the report written to ``out/dreamlite.json``."""
+    ``out``. ``importance`` defaults to activation when calibration runs, magnitude otherwise. Returns the report
+    written to ``out/dreamlite.json``."""
     from dreamlite.evaluation.footprint import macs_per_call
     from dreamlite.models.bundle import Bundle, load_bundle
     from dreamlite.models.presets import build
@@ -189,6 +190,8 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str = "ma
                              "an SDXL-layout UNet2DConditionModel (use --width for generic pruning)")
     drivable = probe.codec is not None or (probe.folder is not None and (probe.folder / "text_encoder").is_dir())
     calib = (4 if drivable else 0) if calib is None else calib
+    # activation statistics were the best criterion on the shapes teacher (benchmarks/prune_criteria.py, README)
+    importance = importance or ("activation" if calib else "magnitude")
     if importance in ("taylor", "activation") and calib == 0:
         raise DreamliteError(f"--importance {importance}: needs calibration batches (--calib N), which need a model "
                              "with a text encoder and codec beside it (a shapes-world model folder)")

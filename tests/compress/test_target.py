@@ -130,7 +130,7 @@ def test_cli_prunes_a_folder_to_a_config_file_and_the_result_samples(tiny_folder
     meta = json.loads((tmp_path / "student" / "dreamlite.json").read_text())
     assert meta["pruning"]["importance"] == "taylor" and "relative_output_deviation" in meta["pruning"]
     # untrained, it still predicts what its teacher predicts, on the teacher's schedule
-    assert meta["prediction"] == "epsilon" and meta["schedule"] == "linear" and meta["in_context"]
+    assert meta["prediction"] == "epsilon" and meta["schedule"] == "sdxl" and meta["in_context"]
     r = invoke("sample", "--model", tmp_path / "student", "--prompt", "a red circle", "--steps", 2,
                "--out", tmp_path / "x.png")
     assert r.exit_code == 0, r.output
