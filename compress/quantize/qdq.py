@@ -8,6 +8,8 @@ weights where QNN allows.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -101,19 +103,14 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         held_out = feeds[1::7]
         say(f"quantize: {scheme}, {len(feeds)} recorded denoiser calls")
         pre = Path(tmp) / "pre.onnx"
-        qnn_preprocess_model(str(src / GRAPH), str(pre))
         act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
-        names = _matching_nodes(pre, keep_float)
-        cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
-                                 per_channel=True, nodes_to_exclude=names or None)
         out.mkdir(parents=True, exist_ok=True)
-        import logging
-        root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR  # ORT's quantizer warns once per norm weight
-        try:
+        with _quiet():
+            qnn_preprocess_model(str(src / GRAPH), str(pre))
+            names = _matching_nodes(pre, keep_float)
+            cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
+                                     per_channel=True, nodes_to_exclude=names or None)
             quantize(str(pre), str(out / GRAPH), cfg)
-        finally:
-            root.setLevel(level)
         for name in ("config.json", "dreamlite.json", "text_encoder"):
             p = src / name
             if p.is_dir():
@@ -135,6 +132,18 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         write_json(out / MANIFEST, manifest)
     load_artifact(out)
     return manifest
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's QNN preprocessing and quantizer log a warning per unnamed node and per norm weight to the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _matching_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
