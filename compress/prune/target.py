@@ -226,11 +226,8 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     if importance == "activation":
         from .unet import teacher_spaces
         scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
-    report = prune_unet(source, t_cfg, student, "magnitude" if importance == "activation" else importance,
-                        grads, measured, pooled, seed, say, scores=scores_override, patch_cov=patch_cov)
-    for r in report:
-        if r["pass"] in ("width", "heads") and importance == "activation":
-            r["criterion"] = "activation"
+    report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
+                        scores=scores_override, patch_cov=patch_cov)
 
     size = probe.image_size
     h = size // (probe.codec.factor if probe.codec else 8)

@@ -259,7 +259,9 @@ def channel_scores(source: TensorSource, cfg: dict, spaces: dict[str, Space], cr
                    grads: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """One score per channel of every space, summed over every tensor that reads or writes it, streamed one teacher
     tensor at a time: magnitude = sum of w^2, taylor = sum of (w * dL/dw)^2 (gradients from calibration batches),
-    random = uniform noise (the control)."""
+    random = uniform noise (the control). Activation scores come from ``target.activation_scores`` instead."""
+    if criterion not in ("magnitude", "taylor", "random"):
+        raise DreamliteError(f"importance: {criterion!r} cannot be computed from weights (magnitude, taylor, random)")
     scores = {s: torch.zeros(sp.size) for s, sp in spaces.items()}
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)
@@ -318,10 +320,10 @@ class Plan:
         return torch.cat(parts)
 
 
-def transformer_depths(cfg_or_keys) -> dict[str, int]:
+def transformer_depths(keys: Iterable[str]) -> dict[str, int]:
     """Number of transformer layers of every attention block, from a list of parameter names."""
     depth: dict[str, int] = {}
-    for k in cfg_or_keys:
+    for k in keys:
         m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.", k)
         if m:
             depth[m.group(1)] = max(depth.get(m.group(1), 0), int(m.group(2)) + 1)
