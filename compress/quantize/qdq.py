@@ -98,6 +98,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         if fp32.meta["artifact"]["scheme"] != "fp32":
             raise DreamliteError(f"{model}: already quantized ({fp32.meta['artifact']['scheme']}); quantize the fp32 "
                                  "model or artifact")
+        names = _matching_nodes(src / GRAPH, keep_float)  # a bad pattern fails before the slow part
         say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
         feeds = calibration_feeds(fp32, calib, seed, steps)
         held_out = feeds[1::7]
