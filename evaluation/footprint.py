@@ -49,8 +49,7 @@ def footprint(bundle, text_tokens: int | None = None) -> dict:
     n = parameters(unet)
     h = bundle.latent_size()
     w = h * (2 if bundle.in_context else 1)
-    tokens = text_tokens or (bundle.text.config.max_tokens if hasattr(bundle.text, "config") else
-                             24 if bundle.meta.get("preset", "").startswith("shapes") else 77)
+    tokens = text_tokens or bundle.text_tokens
     return {
         "name": bundle.name, "class": type(unet).__name__, "parameters": n,
         "bytes_on_disk": folder_bytes(bundle.folder) if bundle.folder else None,

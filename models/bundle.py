@@ -47,6 +47,13 @@ class Bundle:
         """The discrete training schedule of an epsilon model (``sdxl`` unless its dreamlite.json says otherwise)."""
         return self.meta.get("schedule", "sdxl")
 
+    @property
+    def text_tokens(self) -> int:
+        """Text length the U-Net is called with: the text encoder's, else the shapes encoder's 24 or CLIP's 77."""
+        if hasattr(getattr(self.text, "config", None), "max_tokens"):
+            return self.text.config.max_tokens
+        return 24 if self.meta.get("preset", "").startswith("shapes") else 77
+
     def latent_size(self, image_size: int | None = None) -> int:
         factor = self.codec.factor if self.codec else 8
         return (image_size or self.image_size) // factor
@@ -137,6 +144,17 @@ def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0, samp
     unet = load_unet(unet_dir, device, meta)
     info = read_json(folder / META) if (folder / META).is_file() else {}
     prediction, in_context = _defaults(type(unet).__name__)
+    codec, text = _companions(folder, info, meta)
+    if info.get("schedule", "sdxl") not in SCHEDULES:
+        raise DreamliteError(f"{folder / META}: schedule: {info['schedule']!r} is not one of {', '.join(SCHEDULES)}")
+    factor = codec.factor if codec else 8
+    size = int(info.get("image_size", unet.config.sample_size * factor))
+    return Bundle(unet, info.get("prediction", prediction), bool(info.get("in_context", in_context)), size, text,
+                  codec, name=str(folder), folder=folder, meta=info)
+
+
+def _companions(folder: Path, info: dict, meta: bool = False):
+    """The codec and text encoder beside a U-Net (``meta``: only what costs nothing to build)."""
     codec_info = info.get("codec", {"kind": "vae", "folder": "vae"})
     if codec_info.get("kind") == "pixel-unshuffle":
         codec = PixelUnshuffleCodec(int(codec_info.get("factor", 4)))
@@ -147,12 +165,7 @@ def load_bundle(spec: str, device="cpu", meta: bool = False, seed: int = 0, samp
     text = None
     if (folder / "text_encoder" / "config.json").is_file() and not meta:
         text = load_text_encoder(folder / "text_encoder")
-    if info.get("schedule", "sdxl") not in SCHEDULES:
-        raise DreamliteError(f"{folder / META}: schedule: {info['schedule']!r} is not one of {', '.join(SCHEDULES)}")
-    factor = codec.factor if codec else 8
-    size = int(info.get("image_size", unet.config.sample_size * factor))
-    return Bundle(unet, info.get("prediction", prediction), bool(info.get("in_context", in_context)), size, text,
-                  codec, name=str(folder), folder=folder, meta=info)
+    return codec, text
 
 
 def _from_file(preset: str, path: str, device="cpu") -> Bundle:
@@ -180,7 +193,6 @@ def _from_artifact(folder: Path) -> Bundle:
 
     info = read_json(folder / META) if (folder / META).is_file() else {}
     unet = load_unet(folder, meta=True)
-    text = load_text_encoder(folder / "text_encoder") if (folder / "text_encoder" / "config.json").is_file() else None
-    codec = PixelUnshuffleCodec() if info.get("codec", {}).get("kind") == "pixel-unshuffle" else None
+    codec, text = _companions(folder, info)
     return Bundle(unet, manifest["prediction"], manifest["in_context"], manifest["image_size"][0], text, codec,
                   name=str(folder), folder=folder, meta={**info, "artifact": manifest}, denoiser=OrtDenoiser(session))

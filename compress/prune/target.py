@@ -52,10 +52,10 @@ def build_target(cfg: dict, seed: int) -> nn.Module:
 
 def teacher_source(bundle, seed: int) -> TensorSource:
     """Stream the teacher's tensors: from its safetensors file when it has one, else seeded random weights."""
-    from dreamlite.models.bundle import WEIGHTS
+    from dreamlite.models.bundle import WEIGHTS, _unet_folder
 
     if bundle.folder is not None:
-        unet_dir = bundle.folder if (bundle.folder / "config.json").is_file() else bundle.folder / "unet"
+        unet_dir = _unet_folder(bundle.folder)
         if (unet_dir / WEIGHTS).is_file():
             return SafetensorsSource(unet_dir / WEIGHTS)
         raise DreamliteError(f"{unet_dir}: no {WEIGHTS} (sharded or non-safetensors teachers are not supported)")
@@ -153,13 +153,10 @@ def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[di
 
     from .budget import fit_budget, parse_count
 
-    if type(probe.unet).__name__ != "UNet2DConditionModel":
-        raise DreamliteError(f"--teacher: a {type(probe.unet).__name__} is not an SDXL-layout server U-Net")
     h = probe.latent_size()
-    tokens = 24 if probe.codec is not None else 77
 
     def measure(cfg):
-        return macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (probe.image_size,) * 2, tokens)
+        return macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (probe.image_size,) * 2, probe.text_tokens)
 
     say(f"budget: searching the DreamLite layout for {'--params ' + params if params else '--macs ' + macs}")
     return fit_budget(dict(probe.unet.config), parse_count(params, "--params") if params else None,
@@ -180,14 +177,14 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
 
     say = say or (lambda _m: None)
     probe = load_bundle(teacher, meta=True)
+    if type(probe.unet).__name__ != "UNet2DConditionModel":
+        raise DreamliteError(f"--teacher: {teacher} is a {type(probe.unet).__name__}; the target passes start from "
+                             "an SDXL-layout UNet2DConditionModel (use --width for generic pruning)")
     budget = None
     if target is not None:
         cfg = resolve_target(target)
     else:
         cfg, budget = _budget_target(probe, params, macs, say)
-    if type(probe.unet).__name__ != "UNet2DConditionModel":
-        raise DreamliteError(f"--teacher: {teacher} is a {type(probe.unet).__name__}; the target passes start from "
-                             "an SDXL-layout UNet2DConditionModel (use --width for generic pruning)")
     drivable = probe.codec is not None or (probe.folder is not None and (probe.folder / "text_encoder").is_dir())
     calib = (4 if drivable else 0) if calib is None else calib
     # activation statistics were the best criterion on the shapes teacher (benchmarks/prune_criteria.py, README)
@@ -229,9 +226,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
                         scores=scores_override, patch_cov=patch_cov)
 
-    size = probe.image_size
-    h = size // (probe.codec.factor if probe.codec else 8)
-    tokens = 24 if probe.codec is not None else 77
+    size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
     summary = {
         "teacher": teacher, "target": target or {"params": params, "macs": macs, **budget,
                                                   "block_out_channels": cfg["block_out_channels"],

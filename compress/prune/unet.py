@@ -237,7 +237,7 @@ def teacher_spaces(source: TensorSource, cfg: dict) -> dict[str, Space]:
                     continue
                 if size is None:
                     continue
-                grouped = re.match(r"^(down\d+|up\d+|mid)$", s) or s.endswith(tuple(f"resnets.{i}" for i in range(9)))
+                grouped = re.match(r"^(down\d+|up\d+|mid)$", s) or re.search(r"resnets\.\d+$", s)
                 head = re.search(r"\.attn\d$", s)
                 spaces[s] = Space(size, groups if grouped else 1, _head_dim(cfg, s, size) if head else 1)
     return spaces

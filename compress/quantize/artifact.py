@@ -71,18 +71,13 @@ def export_artifact(bundle, out, size: int | None = None, mode: str = "generate"
     h = size // factor
     latent = (h, 2 * h if bundle.in_context else h)
     batch = batch or BRANCHES[mode]
-    tokens = bundle.text.config.max_tokens if hasattr(getattr(bundle.text, "config", None), "max_tokens") else 77
+    tokens = bundle.text_tokens
     unet = bundle.unet.float().eval()
     export_onnx(unet, out / GRAPH, batch, latent, (size, size), tokens,
                 external=sum(p.numel() for p in unet.parameters()) * 4 > 1_800_000_000)
     unet.save_config(out)
     if bundle.folder is not None:
-        for name in ("text_encoder", "dreamlite.json"):
-            src = bundle.folder / name
-            if src.is_dir():
-                shutil.copytree(src, out / name, dirs_exist_ok=True)
-            elif src.is_file():
-                shutil.copy2(src, out / name)
+        copy_companions(bundle.folder, out, ("text_encoder", "dreamlite.json"))
     sess = session(out / GRAPH)
     inputs, outputs = _io(sess)
     args = example_inputs(unet, batch, latent, tokens)
@@ -98,9 +93,23 @@ def export_artifact(bundle, out, size: int | None = None, mode: str = "generate"
         "inputs": inputs, "outputs": outputs, "parameters": sum(p.numel() for p in unet.parameters()),
         "check": {"ort_vs_torch_max_abs": diff, "torch_max_abs": float(np.abs(ref).max())},
     }
+    return seal(out, manifest)
+
+
+def copy_companions(src: Path, out: Path, names: tuple[str, ...]) -> None:
+    """Copy the files and folders ``names`` that exist in ``src`` into ``out``."""
+    for name in names:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def seal(out: Path, manifest: dict) -> dict:
+    """Add the size and sha256 of every file in ``out`` to ``manifest`` and write it (last, so a folder with a
+    manifest is complete)."""
     files = _files(out)
-    manifest["bytes"] = sum(f["bytes"] for f in files.values() if f is not None)
-    manifest["files"] = files
+    manifest = {**manifest, "bytes": sum(f["bytes"] for f in files.values()), "files": files}
     write_json(out / MANIFEST, manifest)
     return manifest
 

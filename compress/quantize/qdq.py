@@ -10,34 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from dreamlite.io import DreamliteError, write_json
+from dreamlite.io import DreamliteError
+from dreamlite.models.sampler import OrtDenoiser
 
-from .artifact import GRAPH, MANIFEST, _files, _io, export_artifact, load_artifact, session
+from .artifact import GRAPH, MANIFEST, _io, copy_companions, export_artifact, load_artifact, seal, session
 
 SCHEMES = ("w8a16", "w8a8")
 
 
-class _Recorder:
-    """A denoiser that runs the fp32 session and keeps every feed it sends (the calibration set)."""
+class _Recorder(OrtDenoiser):
+    """An ONNX Runtime denoiser that also keeps every feed it runs (the calibration set)."""
 
-    def __init__(self, inner):
-        self.inner, self.feeds = inner, []
+    def __init__(self, session):
+        super().__init__(session)
+        self.recorded: list[dict[str, np.ndarray]] = []
 
-    def __call__(self, x, t, text):
-        import torch
-
-        outs = []
-        for feed, n in self.inner.feeds(x, t, text):
-            self.feeds.append(feed)
-            outs.append(torch.from_numpy(self.inner.session.run(None, feed)[0])[:n])
-        return torch.cat(outs)
+    def feeds(self, x, t, text):
+        for feed, n in super().feeds(x, t, text):
+            self.recorded.append(feed)
+            yield feed, n
 
 
 def calibration_feeds(bundle, n: int, seed: int, steps: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -54,7 +51,7 @@ def calibration_feeds(bundle, n: int, seed: int, steps: int | None = None) -> li
     s.seed, s.batch = seed, 4
     if steps:
         s.steps = steps
-    rec = _Recorder(bundle.denoiser)
+    rec = _Recorder(bundle.denoiser.session)
     prompts = [p.prompt for p, _ in gen_prompts(max(1, -(-n // 6)), seed + 17)][:n]
     generate(bundle, prompts, s, denoiser=rec)
     if bundle.in_context:
@@ -62,7 +59,7 @@ def calibration_feeds(bundle, n: int, seed: int, steps: int | None = None) -> li
         records = [sample_edit(rng, EDIT_TYPES[i % len(EDIT_TYPES)]) for i in range(n)]
         sources = np.stack([render(r.source, bundle.image_size) for r in records])
         edit(bundle, sources, [r.prompt for r in records], s, denoiser=rec)
-    return rec.feeds
+    return rec.recorded
 
 
 class _Reader:
@@ -112,12 +109,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
             cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
                                      per_channel=True, nodes_to_exclude=names or None)
             quantize(str(pre), str(out / GRAPH), cfg)
-        for name in ("config.json", "dreamlite.json", "text_encoder"):
-            p = src / name
-            if p.is_dir():
-                shutil.copytree(p, out / name, dirs_exist_ok=True)
-            elif p.is_file():
-                shutil.copy2(p, out / name)
+        copy_companions(src, out, ("config.json", "dreamlite.json", "text_encoder"))
         base = session(src / GRAPH)
         quant = session(out / GRAPH)
         err = _relative_error(base, quant, held_out)
@@ -128,9 +120,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
                                    "activation_type": act.name, "weight_type": "QUInt8 per-channel",
                                    "kept_float": names}
         manifest["check"] = {"relative_error_vs_fp32": err, "held_out_calls": len(held_out)}
-        files = _files(out)
-        manifest["bytes"], manifest["files"] = sum(f["bytes"] for f in files.values()), files
-        write_json(out / MANIFEST, manifest)
+        manifest = seal(out, manifest)
     load_artifact(out)
     return manifest
 
