@@ -7,6 +7,7 @@ PACKAGES = {
     "dreamlite.stages": "dreamlite/stages",
     "dreamlite.compress": "compress",
     "dreamlite.compress.prune": "compress/prune",
+    "dreamlite.compress.distill": "compress/distill",
     "dreamlite.compress.quantize": "compress/quantize",
     "dreamlite.models": "models",
     "dreamlite.evaluation": "evaluation",

@@ -51,22 +51,42 @@ class StageContext:
     outputs: dict[str, Path]  # earlier stages' finished folders, by stage name
     track: Callable = identity_track
     log: Callable[[str], None] = lambda msg: None
+    main: bool = True  # the main process (under `accelerate launch`, only it writes the stage's outputs)
 
     def input(self, name: str) -> Path:
         return self.outputs[name]
 
 
 _STAGES: dict[str, tuple[type[StageConfig], Callable[[StageConfig, StageContext], dict]]] = {}
+_DISTRIBUTED: set[str] = set()
 
 
-def stage(config: type[StageConfig]):
-    """Register ``fn(config, ctx) -> metrics`` as the runner of ``config``'s ``kind``."""
+def stage(config: type[StageConfig], distributed: bool = False):
+    """Register ``fn(config, ctx) -> metrics`` as the runner of ``config``'s ``kind``. A ``distributed`` stage runs
+    in every process under ``accelerate launch`` (and writes only where ``ctx.main``); others run in the main one."""
     kind = config.model_fields["kind"].annotation.__args__[0]
 
     def register(fn):
         _STAGES[kind] = (config, fn)
+        if distributed:
+            _DISTRIBUTED.add(kind)
         return fn
     return register
+
+
+class _Processes:
+    """The processes of an ``accelerate launch`` (one when not launched): who writes, and barriers between stages."""
+
+    def __init__(self):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+            self.state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true")
+        self.main = self.state is None or self.state.is_main_process
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
 
 
 def stage_kinds() -> list[str]:
@@ -143,12 +163,15 @@ def _fingerprint(st: StageConfig, before: str) -> str:
 def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, log=print) -> dict:
     """Run (or resume) every stage; write report.json and report.md at the run root. Returns the report."""
     recipe = load_recipe(recipe_path)
-    out = Path(out)
-    if restart and out.exists():
+    out, procs = Path(out), _Processes()
+    if procs.main and restart and out.exists():
         for p in out.iterdir():
             if re.match(r"^\d\d-", p.name) or p.name in ("report.json", "report.md"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
+    if not procs.main:
+        log = _quiet
     outputs: dict[str, Path] = {}
     rows, before = [], ""
     for i, st in enumerate(recipe.stages):
@@ -167,25 +190,38 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
             outputs[name] = folder
             continue
         log(f"[{i + 1}/{len(recipe.stages)}] {name} ({st.kind}){': resuming' if work.exists() else ''}")
-        work.mkdir(parents=True, exist_ok=True)
         info = {"folder": folder.name, "kind": st.kind, "name": name, "fingerprint": before, "seed": seed,
                 "config": st.model_dump(mode="json")}
-        write_json(work / "stage.json", info)
+        if procs.main:
+            work.mkdir(parents=True, exist_ok=True)
+            write_json(work / "stage.json", info)
+        procs.barrier()
         _, fn = _STAGES[st.kind]
         start = time.perf_counter()
-        metrics = fn(st, StageContext(work, seed, dict(outputs), track, log))
+        metrics = {}
+        if procs.main or st.kind in _DISTRIBUTED:
+            metrics = fn(st, StageContext(work, seed, dict(outputs), track if procs.main else identity_track, log,
+                                          procs.main))
         info["seconds"] = round(time.perf_counter() - start, 2)
-        write_json(work / "stage.json", info)
-        write_json(work / "metrics.json", metrics)
-        os.replace(work, folder)
+        procs.barrier()
+        if procs.main:
+            write_json(work / "stage.json", info)
+            write_json(work / "metrics.json", metrics)
+            os.replace(work, folder)
+        procs.barrier()
         outputs[name] = folder
         rows.append(info | {"metrics": metrics})
         log(f"      {summary_line(metrics)}  ({info['seconds']} s)")
     report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": str(recipe_path),
               "seed": recipe.seed, "stages": rows}
-    write_json(out / "report.json", report)
-    write_text(out / "report.md", report_markdown(report))
+    if procs.main:
+        write_json(out / "report.json", report)
+        write_text(out / "report.md", report_markdown(report))
     return report
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def summary_line(metrics: dict) -> str:

@@ -100,7 +100,8 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, step: int, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
+    # Only what is trained: a frozen teacher or text encoder inside the task is not copied into every checkpoint.
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in _trainable(task).items()}
     if ema is not None:
         tensors |= {f"ema.{k}": v.contiguous().cpu() for k, v in ema.shadow.items()}
     state = opt.state_dict()
@@ -118,7 +119,8 @@ def load_checkpoint(path: Path, task: nn.Module, opt: torch.optim.Optimizer, ema
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = task.load_state_dict(model, strict=False)
+    _, unexpected = task.load_state_dict(model, strict=False)
+    missing = set(_trainable(task)) - set(model)
     if missing or unexpected:
         raise DreamliteError(f"{path}: checkpoint does not match the model being trained ({len(missing)} missing, "
                              f"{len(unexpected)} unexpected tensors); use --restart")
@@ -162,7 +164,7 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     ema = EMA(params, s.ema) if s.ema > 0 else None
     ckpt, log_path = folder / CHECKPOINT, folder / LOG
     start = load_checkpoint(ckpt, task, opt, ema) if ckpt.is_file() else 0
-    if start:
+    if start and acc.is_main_process:
         log(f"      resuming at step {start} from {ckpt}")
     _truncate_log(log_path, start)
     model, opt = acc.prepare(task, opt)
@@ -185,7 +187,8 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
                                      f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
             acc.backward(loss / s.accumulate)
             for k, v in {"loss": loss.detach(), **parts_log}.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / s.accumulate
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) / s.accumulate
+        logs = _mean_over_processes(acc, logs)
         acc.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -197,7 +200,8 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
         if done % s.log_every == 0 or done == s.steps:
             rate = seen / (time.perf_counter() - t0)
             _append_log(log_path, done, lr_at(step, s), rate, logs, acc.is_main_process)
-            log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
+            if acc.is_main_process:
+                log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
         if done % s.checkpoint_every == 0 or done == s.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
@@ -206,8 +210,24 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
         ema.copy_to(unwrapped)
     if acc.is_main_process and log_path.is_file():
         plot_loss(log_path, folder / "loss.png")
-    return {"steps": s.steps, "final_loss": round(sum(recent) / max(1, len(recent)), 5) if recent else None,
+    final = sum(recent) / len(recent) if recent else _last_logged_loss(log_path)
+    return {"steps": s.steps, "final_loss": round(final, 5) if final is not None else None,
             "samples_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1) if seen else None}
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    """The loss of the last row of a CSV log (a run resumed after its last step trains nothing)."""
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    return float(rows[-1]["loss"]) if rows else None
+
+
+def _mean_over_processes(acc, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each logged value averaged over processes (equal shares of the global batch), so N processes log what one
+    process with the same global batch would."""
+    if acc.num_processes == 1:
+        return {k: float(v) for k, v in logs.items()}
+    stacked = acc.reduce(torch.stack(list(logs.values())).to(acc.device), reduction="mean")
+    return {k: float(v) for k, v in zip(logs, stacked)}
 
 
 def _append_log(path: Path, step: int, lr: float, rate: float, logs: dict, main: bool) -> None:

@@ -1,0 +1,228 @@
+"""Recovery training (DreamLite): task-progressive joint pretraining of a pruned in-context student with flow
+matching, text-to-image then editing then both, distilled from the server teacher on text-to-image samples.
+
+In-context (../shared/ANCHORS.md): the student sees ``cat([noisy_target, cond], width)`` with ``cond`` zeros to
+generate and the clean source latent to edit; only the target half is noised and the loss is taken on it.
+Losses per sample: the flow-matching task loss ``|v_s - (eps - x0)|^2`` on every sample; on text-to-image samples
+also output distillation ``|v_s - v_teacher|^2`` (the teacher's epsilon converted by ``flow.EpsilonToFlow``, where
+its schedule reaches) and feature distillation (``features.FeatureProjector``). Editing samples use the task loss
+alone: the server teacher cannot edit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+import torch.nn as nn
+
+from dreamlite.data import DataSource, images_to_tensor
+from dreamlite.io import DreamliteError, identity_track
+from dreamlite.models.conditioning import unet_inputs
+from dreamlite.models.teacher import step_generator
+from dreamlite.models.text import TextStates
+from dreamlite.train import fit
+
+from .config import LossWeights, Phase
+from .features import FeatureProjector, Taps, matching_blocks
+from .flow import EpsilonToFlow, SigmaSampling, flow_noise, flow_timestep, flow_velocity, sample_sigmas
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How the samples of one step are drawn."""
+    t2i: int  # text-to-image samples per global batch
+    edit: int  # editing samples per global batch
+    caption_dropout: float = 0.1  # text-to-image: empty caption
+    text_dropout: float = 0.05  # editing: empty instruction (learns the image branch of 3-way guidance)
+    image_dropout: float = 0.05  # editing: zero source latent (and, with the text also dropped, the unconditional)
+    sigma_sampling: SigmaSampling = "logit-normal"
+    shift: float = 1.0
+
+
+def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, latent_shape: tuple[int, int, int],
+                  stream: int = 0) -> dict:
+    """The global batch of ``step``, a pure function of (seed, step): images in [-1, 1], captions, noise (target
+    half only), sigmas, and which editing samples keep their source."""
+    rng, gen = step_generator(seed, step, stream)
+    images, captions = data.t2i(rng, spec.t2i)
+    captions = ["" if rng.random() < spec.caption_dropout else c for c in captions]
+    sources, targets, prompts = data.edit(rng, spec.edit)
+    prompts = ["" if rng.random() < spec.text_dropout else p for p in prompts]
+    keep = torch.tensor([float(rng.random() >= spec.image_dropout) for _ in range(spec.edit)])
+    n = spec.t2i + spec.edit
+    sigmas = sample_sigmas(n, gen, spec.sigma_sampling, spec.shift)
+    noise = torch.randn((n, *latent_shape), generator=gen)
+    return {"t2i_images": images_to_tensor(images), "t2i_captions": captions, "t2i_noise": noise[:spec.t2i],
+            "t2i_sigma": sigmas[:spec.t2i], "edit_source": images_to_tensor(sources),
+            "edit_target": images_to_tensor(targets), "edit_prompts": prompts, "edit_noise": noise[spec.t2i:],
+            "edit_sigma": sigmas[spec.t2i:], "edit_keep_source": keep}
+
+
+class CachedText(nn.Module):
+    """A frozen text encoder with its states cached per caption (captions repeat; the encoder never changes)."""
+
+    def __init__(self, encoder, capacity: int = 4096):
+        super().__init__()
+        self.encoder, self.capacity = encoder, capacity
+        self.encoder.requires_grad_(False).eval()
+        self.cache: dict[str, TextStates] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextStates:
+        new = sorted({p for p in prompts if p not in self.cache})
+        if new:
+            states = self.encoder.encode(new)
+            if len(self.cache) + len(new) > self.capacity:
+                self.cache.clear()
+            self.cache |= {p: states[i:i + 1] for i, p in enumerate(new)}
+        return TextStates.cat([self.cache[p] for p in prompts])
+
+
+class RecoverTask(nn.Module):
+    """``forward(**recover_batch(...)) -> (loss, logs)``. Trains ``student`` (and the feature projections); the
+    teacher and the text encoder are frozen."""
+
+    def __init__(self, student, text, codec, image_size: int, in_context: bool = True, teacher=None,
+                 teacher_prediction: str = "epsilon", teacher_schedule: str = "sdxl", teacher_in_context: bool = False,
+                 weights: LossWeights = LossWeights()):
+        super().__init__()
+        self.student, self.text, self.codec, self.size = student, CachedText(text), codec, image_size
+        self.in_context = in_context
+        self.weights = weights
+        self.teacher = teacher
+        self.projector = None
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+            self.teacher_prediction, self.teacher_in_context = teacher_prediction, teacher_in_context
+            self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction == "epsilon" else None
+            blocks = matching_blocks(student.config, teacher.config)
+            self.projector = FeatureProjector(blocks)
+            self.student_taps, self.teacher_taps = Taps(student, blocks), Taps(teacher, blocks)
+
+    def set_weights(self, weights: LossWeights) -> None:
+        self.weights = weights
+
+    def _student(self, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, text: TextStates) -> torch.Tensor:
+        """Velocity on the target half of ``cat([x, cond], width)`` (B, C, h, w); ``cond`` is unused by a student
+        without in-context width."""
+        xin = torch.cat([x, cond], dim=-1) if self.in_context else x
+        out = self.student(xin, flow_timestep(sigma),
+                           **unet_inputs(self.student.config, text, self.size, self.size)).sample
+        return out[..., : x.shape[-1]].float()
+
+    @torch.no_grad()
+    def _teacher(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
+        """The teacher's velocity at the flow sample ``x`` and a mask of the samples it is valid for."""
+        kwargs = unet_inputs(self.teacher.config, text, self.size, self.size)
+        if self.convert is None:  # a flow teacher: same parametrisation
+            xin = torch.cat([x, torch.zeros_like(x)], -1) if self.teacher_in_context else x
+            v = self.teacher(xin, flow_timestep(sigma), **kwargs).sample[..., : x.shape[-1]]
+            return v.float(), torch.ones_like(sigma)
+        eps = self.teacher(self.convert.teacher_input(x, sigma), self.convert.timestep(sigma), **kwargs).sample
+        return self.convert.velocity(eps.float(), x, sigma), self.convert.in_range(sigma).float()
+
+    def forward(self, t2i_images, t2i_captions, t2i_noise, t2i_sigma, edit_source, edit_target, edit_prompts,
+                edit_noise, edit_sigma, edit_keep_source):
+        w, logs, per_sample = self.weights, {}, []
+        if len(t2i_captions):
+            x0 = self.codec.encode(t2i_images)
+            x = flow_noise(x0, t2i_noise, t2i_sigma)
+            text = self.text.encode(list(t2i_captions))
+            v = self._student(x, torch.zeros_like(x), t2i_sigma, text)
+            task = (v - flow_velocity(x0, t2i_noise)).pow(2).mean(dim=(1, 2, 3))
+            logs["t2i"] = task.mean().detach()
+            extra = torch.zeros_like(task)
+            if self.teacher is not None and (w.output or w.feature):
+                student_feats = self.student_taps.pop(self.in_context)
+                v_t, valid = self._teacher(x, t2i_sigma, text)
+                teacher_feats = self.teacher_taps.pop(self.teacher_in_context)
+                if w.output:
+                    kd = (v - v_t).pow(2).mean(dim=(1, 2, 3)) * valid
+                    extra = extra + w.output * kd
+                    logs["kd_out"] = kd.mean().detach()
+                if w.feature:
+                    feat = self.projector(student_feats, teacher_feats)
+                    extra = extra + w.feature * feat
+                    logs["kd_feat"] = feat.mean().detach()
+            per_sample.append(w.task * task + extra)
+        if len(edit_prompts):
+            x0, src = self.codec.encode(edit_target), self.codec.encode(edit_source)
+            x = flow_noise(x0, edit_noise, edit_sigma)
+            cond = src * edit_keep_source.view(-1, 1, 1, 1)
+            v = self._student(x, cond, edit_sigma, self.text.encode(list(edit_prompts)))
+            task = (v - flow_velocity(x0, edit_noise)).pow(2).mean(dim=(1, 2, 3))
+            logs["edit"] = task.mean().detach()
+            per_sample.append(w.task * task)
+        if self.teacher is not None:
+            self.student_taps.pop(), self.teacher_taps.pop()
+        return torch.cat(per_sample).mean(), logs
+
+
+def check_pair(student_bundle, teacher_bundle, edits: bool) -> None:
+    """Fail before training on a student that cannot be trained as asked (one line naming the field)."""
+    sb = student_bundle
+    if sb.text is None or sb.codec is None:
+        raise DreamliteError(f"{sb.name}: the student needs a text encoder and a codec beside its U-Net")
+    if edits and not sb.in_context:
+        raise DreamliteError(f"{sb.name}: editing needs an in-context student (DreamLite layout, "
+                             f"cat([target, source], width)); this is a {type(sb.unet).__name__}")
+    text_width = sb.text.width
+    wants = sb.unet.config.get("encoder_hid_dim") or sb.unet.config["cross_attention_dim"]
+    if wants != text_width:
+        raise DreamliteError(f"{sb.name}: the U-Net takes {wants}-wide text states and its text encoder gives "
+                             f"{text_width}")
+    if teacher_bundle is None:
+        return
+    tb = teacher_bundle
+    t_wants = tb.unet.config.get("encoder_hid_dim") or tb.unet.config["cross_attention_dim"]
+    if t_wants != text_width:
+        raise DreamliteError(f"teacher: {tb.name} takes {t_wants}-wide text states and the student's text encoder "
+                             f"gives {text_width}: distillation needs one text encoder for both")
+    if tb.text is not None and tb.text.pooled_width != sb.text.pooled_width:
+        raise DreamliteError(f"teacher: {tb.name}'s pooled text is {tb.text.pooled_width} wide, the student's "
+                             f"{sb.text.pooled_width}")
+    if _text_differs(sb.text, tb.text):
+        raise DreamliteError(f"teacher: {tb.name}'s text encoder differs from the student's: distillation needs the "
+                             "one the teacher was trained with beside the student")
+    if tb.image_size != sb.image_size or tb.latent_size() != sb.latent_size():
+        raise DreamliteError(f"teacher: {tb.name} works at {tb.image_size} px, the student at {sb.image_size} px")
+
+
+
+def _text_differs(a, b) -> bool:
+    """Two text encoders with weights (torch modules) whose tensors are not all equal."""
+    if not (isinstance(a, nn.Module) and isinstance(b, nn.Module)):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def recover(student, teacher, phases: list[Phase], folder, data: DataSource, seed: int = 0,
+            sigma_sampling: SigmaSampling = "logit-normal", shift: float = 1.0, track=identity_track,
+            log=print) -> list[dict]:
+    """Train the ``student`` Bundle in place through ``phases`` in order (each resumes from its own checkpoint in
+    ``folder/NN-task``), distilling from the ``teacher`` Bundle (or None). The student's parameters end as the last
+    phase's EMA. Returns one training summary per phase."""
+    check_pair(student, teacher, any(p.task != "t2i" for p in phases))
+    wants_teacher = any(p.weights.output or p.weights.feature for p in phases if p.task != "edit")
+    task = RecoverTask(student.unet, student.text, student.codec, student.image_size, student.in_context,
+                       teacher.unet if teacher is not None and wants_teacher else None,
+                       *((teacher.prediction, teacher.schedule, teacher.in_context) if teacher else ()))
+    task.student.train()
+    latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
+    summaries = []
+    for i, phase in enumerate(phases):
+        spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
+                         sigma_sampling, shift)
+        task.set_weights(phase.weights)
+        if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
+            task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")
+
+        def batches(step: int, spec=spec, i=i) -> dict:
+            return recover_batch(data, spec, seed, step, latent, stream=i)
+
+        out = Path(folder) / f"{i + 1:02d}-{phase.task}"
+        summaries.append({"phase": phase.task, **fit(task, batches, phase.train, out, track, log,
+                                                     description=f"recover {phase.task}")})
+    task.student.eval()
+    return summaries

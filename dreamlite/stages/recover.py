@@ -1,0 +1,62 @@
+"""Stage kind ``recover``: task-progressive recovery training of a pruned student (compress/distill/recover.py)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from dreamlite.compress.distill.config import Phase
+from dreamlite.recipe import StageConfig, StageContext, stage
+
+from .models import SamplerDefaults, stage_model
+
+
+class RecoverStage(StageConfig):
+    kind: Literal["recover"]
+    input: str | None = Field(None, description="earlier stage whose model/ folder is the student (a prune stage)")
+    student: str | None = Field(None, description="or: a model folder")
+    teacher_input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher")
+    teacher: str | None = Field(None, description="or: zoo:NAME, a model folder, or none for no distillation")
+    data: str = Field("shapes", description="'shapes' (the shapes world) or a folder with t2i.jsonl / edit.jsonl")
+    phases: list[Phase] = Field(min_length=1, description="sub-stages in order: t2i, edit, joint")
+    sigma_sampling: Literal["uniform", "logit-normal"] = "logit-normal"
+    shift: float = Field(1.0, gt=0, description="sigma shift s' = shift s / (1 + (shift - 1) s)")
+    save_dtype: Literal["fp32", "fp16"] = "fp32"
+    sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
+
+    @model_validator(mode="after")
+    def _one_each(self):
+        if (self.input is None) == (self.student is None):
+            raise ValueError("give exactly one of input (an earlier stage) and student")
+        if self.teacher_input is not None and self.teacher is not None:
+            raise ValueError("give at most one of teacher_input and teacher")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [n for n in (self.input, self.teacher_input) if n]
+
+
+@stage(RecoverStage, distributed=True)
+def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.distill.recover import recover
+    from dreamlite.data import data_source
+    from dreamlite.models.bundle import load_bundle
+
+    student = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.student)
+    spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher
+    teacher = load_bundle(spec) if spec else None
+    torch.manual_seed(ctx.seed)  # the feature projections' initialisation
+    phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data_source(cfg.data, student.image_size),
+                     ctx.seed, cfg.sigma_sampling, cfg.shift, ctx.track, ctx.log)
+    if ctx.main:
+        student.prediction = "flow"
+        student.meta.pop("schedule", None)
+        if cfg.save_dtype == "fp16":
+            student.unet.to(torch.float16)
+        extra = {"sampler": cfg.sampler.model_dump()} if cfg.sampler else {}
+        student.save_pretrained(ctx.dir / "model", stage="recover", parent=student.name,
+                                teacher=teacher.name if teacher else None,
+                                phases=[p.model_dump(mode="json") for p in cfg.phases], **extra)
+    return {"steps": sum(p.train.steps for p in cfg.phases), "final_loss": phases[-1]["final_loss"],
+            "phases": {f"{i + 1}-{p['phase']}": p for i, p in enumerate(phases)}}

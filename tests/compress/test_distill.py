@@ -1,0 +1,191 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from dreamlite.compress.distill import EpsilonToFlow, Phase, flow_noise, flow_velocity, recover, recover_batch, sample_sigmas
+from dreamlite.compress.distill.features import FeatureProjector, Taps, matching_blocks
+from dreamlite.compress.distill.recover import BatchSpec, RecoverTask
+from dreamlite.data import ShapesData
+from dreamlite.io import DreamliteError
+from dreamlite.models.teacher import SCHEDULES
+from dreamlite.train import TrainSettings
+
+from conftest import tiny_bundle
+
+LATENT = (48, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------- flow maths, no model
+def test_flow_velocity_integrates_noise_to_data():
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    s, s_next = torch.tensor([0.8, 0.8]), torch.tensor([0.3, 0.3])
+    x = flow_noise(x0, eps, s)
+    stepped = x + (s_next - s).view(-1, 1, 1, 1) * flow_velocity(x0, eps)  # one exact Euler step
+    assert torch.allclose(stepped, flow_noise(x0, eps, s_next), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["sdxl", "linear"])
+def test_flow_sigma_maps_to_the_teacher_timestep_of_equal_snr(schedule):
+    ddpm = DDPMScheduler.from_config(SCHEDULES[schedule])
+    conv = EpsilonToFlow.for_schedule(schedule)
+    t = torch.tensor([0, 10, 250, 500, 998])
+    a = ddpm.alphas_cumprod[t].double()
+    sigma = (torch.sqrt(1 - a) / (torch.sqrt(a) + torch.sqrt(1 - a))).float()  # (1 - s) / s = sqrt(a / (1 - a))
+    assert torch.allclose(conv.timestep(sigma), t.float(), atol=1e-2)
+    # the rescaled flow sample is exactly the teacher's noised sample at that timestep
+    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    assert torch.allclose(conv.teacher_input(flow_noise(x0, eps, sigma), sigma), ddpm.add_noise(x0, eps, t), atol=1e-5)
+    assert conv.in_range(sigma).all() and not conv.in_range(torch.tensor([conv.sigma_max + 1e-3])).any()
+
+
+def test_a_perfect_epsilon_teacher_gives_the_true_velocity():
+    conv = EpsilonToFlow.for_schedule("sdxl")
+    x0, eps = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    sigma = torch.tensor([0.05, 0.3, 0.6, 0.9])
+    v = conv.velocity(eps, flow_noise(x0, eps, sigma), sigma)
+    assert torch.allclose(v, flow_velocity(x0, eps), atol=1e-5)
+    assert conv.sigma_max == pytest.approx(0.936, abs=1e-3)  # SDXL's last timestep: alpha_bar 0.0047
+
+
+def test_sigma_sampling_is_seeded_and_shift_moves_it_toward_noise():
+    a = sample_sigmas(4096, torch.Generator().manual_seed(0))
+    assert torch.equal(a, sample_sigmas(4096, torch.Generator().manual_seed(0)))
+    assert 0 < a.min() and a.max() < 1 and abs(a.mean() - 0.5) < 0.02
+    shifted = sample_sigmas(4096, torch.Generator().manual_seed(0), "uniform", shift=3.0)
+    assert shifted.mean() > 0.65
+
+
+# ------------------------------------------------------------------------------------------------- features
+def test_feature_loss_is_zero_for_an_identical_teacher_and_reads_only_the_target_half():
+    widths = matching_blocks({"block_out_channels": [8, 16]}, {"block_out_channels": [8, 16]})
+    assert widths == {"down_blocks.0": (8, 8), "down_blocks.1": (16, 16), "mid_block": (16, 16),
+                      "up_blocks.0": (16, 16), "up_blocks.1": (8, 8)}
+    proj = FeatureProjector({"a": (4, 4)})
+    with torch.no_grad():
+        proj.proj[0].weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+        proj.proj[0].bias.zero_()
+    t = torch.randn(2, 4, 3, 3)
+    assert proj({"a": t}, {"a": t}).abs().max() < 1e-6
+    assert (proj({"a": t * 2}, {"a": t}) > 0.5).all()
+    model = torch.nn.Sequential(torch.nn.Identity())
+    taps = Taps(model, ["0"])
+    model(torch.cat([t, torch.randn(2, 4, 3, 3)], -1))  # (target | anything)
+    assert torch.equal(taps.pop(target_half=True)["0"], t) and taps.pop() == {}
+
+
+def test_feature_distillation_refuses_teachers_with_another_number_of_stages():
+    with pytest.raises(DreamliteError, match="resolution stages"):
+        matching_blocks({"block_out_channels": [8, 16, 16]}, {"block_out_channels": [8, 16]})
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def test_batches_are_pure_functions_of_seed_and_step_and_split_by_task():
+    spec = BatchSpec(t2i=2, edit=3, caption_dropout=0.0, text_dropout=0.0, image_dropout=0.0)
+    a, b = (recover_batch(ShapesData(), spec, 5, 9, LATENT) for _ in range(2))
+    assert a["t2i_captions"] == b["t2i_captions"] and torch.equal(a["edit_noise"], b["edit_noise"])
+    assert a["t2i_images"].shape == (2, 3, 64, 64) and a["edit_source"].shape == (3, 3, 64, 64)
+    assert a["t2i_noise"].shape == (2, *LATENT) and a["edit_sigma"].shape == (3,)
+    assert a["edit_keep_source"].tolist() == [1.0, 1.0, 1.0]
+    assert not torch.equal(a["t2i_noise"], recover_batch(ShapesData(), spec, 5, 10, LATENT)["t2i_noise"])
+    dropped = recover_batch(ShapesData(), BatchSpec(4, 4, 0.999, 0.999, 0.999), 5, 9, LATENT)
+    assert set(dropped["t2i_captions"]) == {""} and set(dropped["edit_prompts"]) == {""}
+    assert dropped["edit_keep_source"].sum() == 0
+
+
+def test_phase_counts_and_joint_split():
+    s = TrainSettings(steps=1, batch=8, accumulate=2)
+    assert Phase(task="joint", train=s, edit_fraction=0.25).counts() == (6, 2)
+    assert Phase(task="edit", train=s).counts() == (0, 8)
+    with pytest.raises(ValueError, match="must divide by accumulate"):
+        Phase(task="joint", train=s, edit_fraction=0.125)
+
+
+# ----------------------------------------------------------------------------------------------------- the task
+def _batch(t2i=2, edit=2):
+    return recover_batch(ShapesData(), BatchSpec(t2i, edit), 0, 0, LATENT)
+
+
+def test_output_distillation_vanishes_when_the_teacher_is_the_student():
+    s = tiny_bundle("shapes-mobile")
+    task = RecoverTask(s.unet, s.text, s.codec, 64, True, s.unet, "flow", teacher_in_context=True)
+    loss, logs = task(**_batch(2, 0))
+    assert logs["kd_out"] < 1e-10 and torch.isfinite(loss) and logs["kd_feat"] > 0
+
+
+def test_only_the_target_half_is_trained():
+    s = tiny_bundle("shapes-mobile")
+    task = RecoverTask(s.unet, s.text, s.codec, 64, True)
+    batch = _batch(0, 2)
+    loss, _ = task(**batch)
+    # the prediction on the context half never reaches the loss: the output's right half has zero gradient
+    out = {}
+    handle = s.unet.conv_out.register_forward_hook(lambda m, a, o: out.setdefault("o", o.retain_grad() or o))
+    task(**batch)[0].backward()
+    handle.remove()
+    grad = out["o"].grad
+    assert grad[..., 16:].abs().max() == 0 and grad[..., :16].abs().max() > 0
+
+
+# ------------------------------------------------------------------------------------------------ recover()
+PHASES = [{"task": "t2i"}, {"task": "edit"}, {"task": "joint"}]
+
+
+def _phases(steps=2, **train):
+    s = TrainSettings(**{"steps": steps, "batch": 4, "warmup": 1, "log_every": 1, "checkpoint_every": 1, **train})
+    return [Phase(train=s, **p) for p in PHASES]
+
+
+def _weights(bundle):
+    return {k: v.detach().clone() for k, v in bundle.unet.state_dict().items()}
+
+
+def test_recover_trains_every_phase_and_resumes_exactly(tmp_path, monkeypatch):
+    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    before = _weights(student)
+    torch.manual_seed(0)
+    summaries = recover(student, teacher, _phases(), tmp_path / "straight", ShapesData(), log=lambda m: None)
+    straight = _weights(student)
+    assert [s["phase"] for s in summaries] == ["t2i", "edit", "joint"]
+    assert all(s["final_loss"] > 0 for s in summaries)
+    assert any(not torch.equal(before[k], straight[k]) for k in before)
+    header = (tmp_path / "straight" / "01-t2i" / "train_log.csv").read_text().splitlines()[0]
+    assert header.split(",")[3:] == ["loss", "t2i", "kd_out", "kd_feat"]
+    assert (tmp_path / "straight" / "03-joint" / "loss.png").is_file()
+
+    # killed after the edit phase's first checkpoint, then run again from a fresh process state
+    import dreamlite.train as train
+    real, calls = train.save_checkpoint, []
+
+    def dying(path, step, *a):
+        real(path, step, *a)
+        calls.append(path)
+        if "02-edit" in str(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", dying)
+    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        recover(student, teacher, _phases(), tmp_path / "split", ShapesData(), log=lambda m: None)
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    torch.manual_seed(1)  # a different initial projection: the checkpoint must restore it
+    recover(student, teacher, _phases(), tmp_path / "split", ShapesData(), log=lambda m: None)
+    resumed = _weights(student)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+
+
+def test_recover_refuses_students_it_cannot_train_before_training(tmp_path):
+    server = tiny_bundle("shapes-server")
+    with pytest.raises(DreamliteError, match="editing needs an in-context student"):
+        recover(server, None, _phases(), tmp_path, ShapesData())
+    student = tiny_bundle("shapes-mobile")
+    from dreamlite.models.text import ShapesTextEncoder
+    student.text = ShapesTextEncoder.for_shapes(width=24, layers=1, heads=2, ff=32)
+    with pytest.raises(DreamliteError, match="takes 16-wide text states and its text encoder gives 24"):
+        recover(student, None, _phases(), tmp_path, ShapesData())
+    student = tiny_bundle("shapes-mobile")
+    teacher = tiny_bundle("shapes-server", seed=1)  # another text encoder
+    with pytest.raises(DreamliteError, match="text encoder differs"):
+        recover(student, teacher, _phases(), tmp_path, ShapesData())
+    assert not any(tmp_path.iterdir())
