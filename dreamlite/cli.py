@@ -1,6 +1,7 @@
 """The ``dreamlite`` command: parses, calls the library, prints. Bad input is one line on stderr and exit code 1."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def run(recipe, out, restart):
     from .recipe import load_recipe, run_recipe
     out = Path(out) if out else Path("runs") / load_recipe(recipe).name
     report = run_recipe(recipe, out, restart=restart, track=track, log=lambda m: console.print(m, highlight=False))
-    console.print(f"report: {out / 'report.md'} ({len(report['stages'])} stages)")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one process reports
+        console.print(f"report: {out / 'report.md'} ({len(report['stages'])} stages)")
 
 
 @main.group(cls=Group)

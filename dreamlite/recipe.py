@@ -80,8 +80,9 @@ class _Processes:
     def __init__(self):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import PartialState
-            self.state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true")
+            self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state is None or self.state.is_main_process
 
     def barrier(self) -> None:
@@ -170,6 +171,8 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     procs.barrier()
+    if procs.state is not None and procs.main:
+        log(f"{procs.state.num_processes} processes ({procs.state.distributed_type.value}); this one writes")
     if not procs.main:
         log = _quiet
     outputs: dict[str, Path] = {}
