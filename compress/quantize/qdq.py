@@ -105,6 +105,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         out.mkdir(parents=True, exist_ok=True)
         with _quiet():
             qnn_preprocess_model(str(src / GRAPH), str(pre))
+            untie_initializers(pre)
             names = _matching_nodes(pre, keep_float)
             cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
                                      per_channel=True, nodes_to_exclude=names or None)
@@ -123,6 +124,37 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         manifest = seal(out, manifest)
     load_artifact(out)
     return manifest
+
+
+def untie_initializers(path: Path) -> int:
+    """Give every consumer of a shared initializer its own copy; returns how many copies were made.
+
+    The exporter merges equal constants (all-ones LayerNorm gains, all-zero biases of one width) into one initializer
+    used by many nodes. The quantizer then needs one scale per use (a bias's scale follows its consumer's input and
+    weight scales) and patches the sharing with Cast chains that QNN HTP rejects, together with the LayerNorms that
+    read them. Copies cost a few kilobytes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in seen:
+                dup = onnx.TensorProto()
+                dup.CopyFrom(inits[name])
+                dup.name = f"{name}__{copies}"
+                model.graph.initializer.append(dup)
+                node.input[k] = dup.name
+                copies += 1
+            seen.add(name)
+    if copies:
+        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 2**26,
+                        location=f"{path.name}.data")
+    return copies
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ class SamplerDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(50, ge=1)
     cfg: float = Field(5.0, ge=0)
+    image_cfg: float = Field(1.5, ge=0, description="image guidance of editing (in-context models)")
     scheduler: Literal["ddim", "euler"] = "ddim"
 
 

@@ -94,6 +94,20 @@ def test_shapes_mobile_from_the_server_layout(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), again.state_dict().values()))
 
 
+def test_a_narrower_time_embedding_is_fitted_with_weights_of_the_teachers_scale():
+    """A student whose sinusoid width differs gets its first time layer by a regularised fit: the plain least-squares
+    solution cancels weights of ~1e7, which fp32 ONNX, fp16 and int8 all break on."""
+    t = teacher()
+    p = get_preset("shapes-mobile")
+    s = build(p.config, p.cls, seed=1, **{**TINY["shapes-mobile"], "block_out_channels": [4, 8, 16]})
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    notes = report[-1]
+    assert 0 < notes["time_embedding_fit_error"] < 1
+    fitted, original = s.time_embedding.linear_1.weight, t.time_embedding.linear_1.weight
+    assert fitted.shape[1] == 4 and original.shape[1] == 8
+    assert fitted.abs().max() < 10 * original.abs().max()
+
+
 def test_depth_keeps_the_layers_whose_removal_changes_the_output():
     t = teacher()
     mid = t.mid_block.attentions[0].transformer_blocks
