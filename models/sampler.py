@@ -147,12 +147,15 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     width = noise.shape[-1]
     text = TextStates.cat([t for t, _ in branches])
+    # DDIM with clipping: re-derive epsilon from the clipped clean estimate, or the step mixes a clipped x0 with the
+    # unclipped noise direction and drifts (measured on the shapes teacher: grey grain instead of black backgrounds).
+    extra = {"use_clipped_model_output": True} if isinstance(sched, DDIMScheduler) and s.clip else {}
     for t in sched.timesteps:
         xin = sched.scale_model_input(x, t) if prediction == "epsilon" else x
         parts = [xin if ctx is None else torch.cat([xin, ctx], dim=-1) for _, ctx in branches]
         xs = torch.cat(parts)
         out = denoiser(xs, t.expand(xs.shape[0]).to(torch.float32), text)[..., :width]
-        x = sched.step(guide(list(out.chunk(len(branches))), s.cfg, s.image_cfg), t, x).prev_sample
+        x = sched.step(guide(list(out.chunk(len(branches))), s.cfg, s.image_cfg), t, x, **extra).prev_sample
     return x
 
 
