@@ -93,6 +93,7 @@ def export_artifact(bundle, out, size: int | None = None, mode: str = "generate"
         "inputs": inputs, "outputs": outputs, "parameters": sum(p.numel() for p in unet.parameters()),
         "check": {"ort_vs_torch_max_abs": diff, "torch_max_abs": float(np.abs(ref).max())},
     }
+    write_device_kit(out, sess, {n: a.numpy() for n, a in zip(input_names(unet), args)}, manifest)
     return seal(out, manifest)
 
 
@@ -103,6 +104,46 @@ def copy_companions(src: Path, out: Path, names: tuple[str, ...]) -> None:
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
         elif (src / name).is_file():
             shutil.copy2(src / name, out / name)
+
+
+DEVICE_GUIDE = """# Running this artifact on a Snapdragon device
+
+`unet.onnx` is the {scheme} denoiser: static shapes {shapes}; {branches} guidance branches per call
+({mode}). `check.npz` holds one input feed and the output ONNX Runtime's CPU provider gives for it.
+
+**Windows on Snapdragon (Python, arm64)** or any machine with ONNX Runtime's QNN execution provider:
+
+    pip install numpy onnxruntime onnxruntime-qnn
+    python device/run_qnn.py             # NPU (HTP), CPU fallback off: fails unless every node runs on the NPU
+    python device/run_qnn.py --provider cpu
+
+It verifies every file against `manifest.json`, runs the feed, prints the relative difference from the reference
+and the latency per call. With the `onnxruntime-qnn` plugin the HTP backend library is found automatically; with an
+ONNX Runtime build that has the provider compiled in, pass `--backend-path QnnHtp.dll` (`libQnnHtp.so` on Linux).
+
+**Android**: the same graph runs through ONNX Runtime's Android package with the QNN execution provider
+(Maven `com.microsoft.onnxruntime:onnxruntime-android-qnn`, or Qualcomm's plugin
+`com.qualcomm.qti:onnxruntime-android-qnn`): add the QNN provider with provider option
+`backend_path=libQnnHtp.so` and session config `session.disable_cpu_ep_fallback=1`, feed the inputs listed in
+`manifest.json` (float32, the shapes above), and compare with `check.npz`. QNN's context-binary cache
+(provider option `ep.context_enable`) saves the compiled graph so later sessions start fast.
+
+The full sampler (text encoder, guidance, scheduler) is dreamlite's: on a machine with dreamlite installed,
+`dreamlite bench gen --model ARTIFACT` scores the artifact end to end through ONNX Runtime.
+"""
+
+
+def write_device_kit(out: Path, sess, feed: dict[str, np.ndarray], manifest: dict) -> None:
+    """``out/device/``: the standalone runner (run_qnn.py), its guide, and one feed with the CPU provider's output
+    (``check.npz``, no pickle) so a device run can be checked against it."""
+    device = out / "device"
+    device.mkdir(exist_ok=True)
+    shutil.copy2(Path(__file__).with_name("run_qnn.py"), device / "run_qnn.py")
+    arrays = {f"input.{k}": np.ascontiguousarray(v, np.float32) for k, v in feed.items()}
+    np.savez(device / "check.npz", output=sess.run(None, feed)[0], **arrays)
+    shapes = ", ".join(f"{i['name']} {i['shape']}" for i in manifest["inputs"])
+    (device / "README.md").write_text(DEVICE_GUIDE.format(scheme=manifest["scheme"], shapes=shapes,
+                                                          branches=manifest["batch"], mode=manifest["mode"]))
 
 
 def seal(out: Path, manifest: dict) -> dict:

@@ -19,7 +19,8 @@ import numpy as np
 from dreamlite.io import DreamliteError
 from dreamlite.models.sampler import OrtDenoiser
 
-from .artifact import GRAPH, MANIFEST, _io, copy_companions, export_artifact, load_artifact, seal, session
+from .artifact import (GRAPH, MANIFEST, _io, copy_companions, export_artifact, load_artifact, seal, session,
+                       write_device_kit)
 
 SCHEMES = ("w8a16", "w8a8")
 
@@ -98,7 +99,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         names = _matching_nodes(src / GRAPH, keep_float)  # a bad pattern fails before the slow part
         say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
         feeds = calibration_feeds(fp32, calib, seed, steps)
-        held_out = feeds[1::7]
+        held_out = feeds[1::7] or feeds[:1]
         say(f"quantize: {scheme}, {len(feeds)} recorded denoiser calls")
         pre = Path(tmp) / "pre.onnx"
         act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
@@ -121,6 +122,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
                                    "activation_type": act.name, "weight_type": "QUInt8 per-channel",
                                    "kept_float": names}
         manifest["check"] = {"relative_error_vs_fp32": err, "held_out_calls": len(held_out)}
+        write_device_kit(out, quant, held_out[0], manifest)
         manifest = seal(out, manifest)
     load_artifact(out)
     return manifest

@@ -87,6 +87,19 @@ def test_w8a16_is_calibrated_on_the_samplers_calls_and_stays_close(w8a16, tmp_pa
     assert r.exit_code == 0, r.output
 
 
+def test_the_device_kit_runs_standalone_and_matches_its_reference(w8a16):
+    """device/run_qnn.py needs only numpy and onnxruntime; on the CPU provider it reproduces check.npz exactly."""
+    import subprocess
+    import sys
+    m = json.loads((w8a16 / "manifest.json").read_text())
+    assert {"device/run_qnn.py", "device/check.npz", "device/README.md"} <= set(m["files"])
+    done = subprocess.run([sys.executable, str(w8a16 / "device" / "run_qnn.py"), "--provider", "cpu", "--runs", "2"],
+                          capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["scheme"] == "w8a16" and result["relative_diff_vs_reference"] < 1e-5 and result["ms_median"] > 0
+
+
 def test_qnn_check_reports_placement_on_the_htp_backend(w8a16, artifact):
     """The session is built with CPU fallback off, so it only builds when every node runs on QNN HTP (DreamLite
     layout: LayerNorms with all-ones gains included, which the exporter merges into shared initializers)."""
