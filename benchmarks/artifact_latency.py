@@ -15,16 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamlite.compress.quantize.artifact import GRAPH, export_artifact, load_artifact
+from dreamlite.compress.quantize.artifact import GRAPH, export_artifact, load_artifact, random_feed
 from dreamlite.compress.quantize.qdq import quantize_artifact
 from dreamlite.models.bundle import load_bundle
 
 
 def time_calls(folder: Path, threads: int, runs: int) -> float:
     manifest, sess = load_artifact(folder, threads)
-    rng = np.random.default_rng(0)
-    feed = {i["name"]: (np.full(i["shape"], 500.0, np.float32) if i["name"] == "timestep"
-                        else rng.standard_normal(i["shape"]).astype(np.float32)) for i in manifest["inputs"]}
+    feed = random_feed(manifest)
     sess.run(None, feed)
     times = []
     for _ in range(runs):

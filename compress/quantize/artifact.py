@@ -133,6 +133,13 @@ The full sampler (text encoder, guidance, scheduler) is dreamlite's: on a machin
 """
 
 
+def random_feed(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded feed of the artifact's static shapes: Gaussian inputs, timestep 500 (mid-schedule)."""
+    rng = np.random.default_rng(seed)
+    return {i["name"]: (np.full(i["shape"], 500.0, np.float32) if i["name"] == "timestep"
+                        else rng.standard_normal(i["shape"]).astype(np.float32)) for i in manifest["inputs"]}
+
+
 def write_device_kit(out: Path, sess, feed: dict[str, np.ndarray], manifest: dict) -> None:
     """``out/device/``: the standalone runner (run_qnn.py), its guide, and one feed with the CPU provider's output
     (``check.npz``, no pickle) so a device run can be checked against it."""

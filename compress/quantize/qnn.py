@@ -12,7 +12,7 @@ import numpy as np
 
 from dreamlite.io import DreamliteError
 
-from .artifact import GRAPH, session, verify
+from .artifact import GRAPH, random_feed, session, verify
 
 
 def _qnn():
@@ -59,9 +59,7 @@ def _place(folder: Path) -> dict:
 
 
 def _compare(folder: Path, manifest: dict, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    feed = {i["name"]: (np.full(i["shape"], 500.0, np.float32) if i["name"] == "timestep"
-                        else rng.standard_normal(i["shape"]).astype(np.float32)) for i in manifest["inputs"]}
+    feed = random_feed(manifest, seed)
     cpu = session(folder / GRAPH).run(None, feed)[0]
     htp = qnn_session(folder / GRAPH, fallback=False).run(None, feed)[0]
     return {"relative_diff_vs_cpu": round(float(np.sqrt(((htp - cpu) ** 2).mean() / max((cpu ** 2).mean(), 1e-12))),
