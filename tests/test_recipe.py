@@ -110,6 +110,29 @@ def test_teacher_training_then_bench_then_judge(tmp_path):
     assert (tmp_path / "run/02-bench/geneval/grid.png").is_file()
 
 
+def test_teacher_training_continues_from_a_model(tmp_path):
+    """init: a later run continues from a saved teacher (weights, not the optimizer) and counts all its steps."""
+    import torch
+    from dreamlite.models.bundle import from_preset, load_bundle
+    src = from_preset("shapes-server", seed=5)
+    src.save_pretrained(tmp_path / "src", trained_steps=100, samples_seen=4000)
+    data = {"name": "more", "seed": 1, "stages": [
+        {"kind": "train-teacher", "name": "teacher", "save_dtype": "fp32", "init": str(tmp_path / "src"),
+         "train": {"steps": 1, "batch": 2, "warmup": 1, "lr": 1e-9, "ema": 0}}]}
+    run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    out = load_bundle(str(tmp_path / "run/01-teacher/model"))
+    assert out.meta["trained_steps"] == 101 and out.meta["samples_seen"] == 4002
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.unet.state_dict().values(),
+                                                               src.unet.state_dict().values()))
+
+
+def test_teacher_init_must_match_the_preset(tmp_path, tiny_folders):
+    data = {"name": "more", "stages": [{"kind": "train-teacher", "init": str(tiny_folders["shapes-mobile"]),
+                                        "train": {"steps": 1, "batch": 2}}]}
+    with pytest.raises(DreamliteError, match="init: .*U-Net does not match the preset 'shapes-server'"):
+        run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+
+
 def test_prune_stage_needs_one_teacher_and_one_target(tmp_path):
     data = {"name": "p", "stages": [{"kind": "prune", "teacher": "shapes-server", "target": "shapes-mobile",
                                      "params": "1M"}]}

@@ -36,9 +36,25 @@ class TrainTeacherStage(StageConfig):
         None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
+    init: str | None = Field(None, description="continue from this model (zoo:NAME or a folder of the same preset): "
+                                               "its U-Net and text encoder weights; the optimizer starts fresh")
 
 
-@stage(TrainTeacherStage)
+def _init_from(bundle, spec: str) -> dict:
+    """Copy the U-Net and text encoder weights of the model ``spec`` into ``bundle`` (same architecture); returns
+    the source's dreamlite.json."""
+    from dreamlite.models.bundle import load_bundle
+
+    src = load_bundle(spec)
+    for name, a, b in (("U-Net", bundle.unet, src.unet), ("text encoder", bundle.text, src.text)):
+        mine, theirs = a.state_dict(), b.state_dict() if b is not None else {}
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise DreamliteError(f"init: {spec}'s {name} does not match the preset {bundle.meta.get('preset')!r}")
+        a.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+    return src.meta
+
+
+@stage(TrainTeacherStage, distributed=True)
 def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     from dreamlite.models.bundle import from_preset
     from dreamlite.models.teacher import EpsilonTask, t2i_batch
@@ -48,6 +64,7 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
     if cfg.schedule:
         bundle.meta["schedule"] = cfg.schedule
+    before = _init_from(bundle, cfg.init) if cfg.init else {}
     task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
@@ -55,11 +72,15 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
         return t2i_batch(ctx.seed, step, cfg.train.batch, latent, cfg.caption_dropout, bundle.image_size)
 
     summary = fit(task, batches, cfg.train, ctx.dir / "train", ctx.track, ctx.log, description="teacher")
+    if not ctx.main:
+        return summary
     if cfg.save_dtype == "fp16":
         bundle.unet.to(torch.float16)
     extra = {"sampler": cfg.sampler.model_dump()} if cfg.sampler else {}
-    bundle.save_pretrained(ctx.dir / "model", stage="train-teacher", trained_steps=cfg.train.steps,
-                           samples_seen=cfg.train.steps * cfg.train.batch, **extra)
+    steps = before.get("trained_steps", 0) + cfg.train.steps
+    seen = before.get("samples_seen", 0) + cfg.train.steps * cfg.train.batch
+    bundle.save_pretrained(ctx.dir / "model", stage="train-teacher", trained_steps=steps, samples_seen=seen,
+                           **({"init": cfg.init} if cfg.init else {}), **extra)
     return {**summary, "parameters": sum(p.numel() for p in bundle.unet.parameters())}
 
 
