@@ -70,10 +70,11 @@ class CachedText(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextStates:
         new = sorted({p for p in prompts if p not in self.cache})
+        if len(self.cache) + len(new) > self.capacity:  # full: start over (before encoding, so this batch stays)
+            self.cache.clear()
+            new = sorted(set(prompts))
         if new:
             states = self.encoder.encode(new)
-            if len(self.cache) + len(new) > self.capacity:
-                self.cache.clear()
             self.cache |= {p: states[i:i + 1] for i, p in enumerate(new)}
         return TextStates.cat([self.cache[p] for p in prompts])
 

@@ -101,6 +101,17 @@ def test_phase_counts_and_joint_split():
 
 
 # ----------------------------------------------------------------------------------------------------- the task
+def test_cached_text_states_equal_the_encoders_even_when_the_cache_fills():
+    from dreamlite.compress.distill.recover import CachedText
+    text = tiny_bundle("shapes-mobile").text
+    cached = CachedText(text, capacity=3)
+    for batch in (["a circle", "a star"], ["a star", "two squares"], ["a circle", "a red cross", "a star"]):
+        got, want = cached.encode(batch), text.encode(batch)
+        assert torch.allclose(got.states, want.states, atol=1e-6) and torch.allclose(got.pooled, want.pooled, atol=1e-6)
+    assert len(cached.cache) <= 3
+
+
+
 def _batch(t2i=2, edit=2):
     return recover_batch(ShapesData(), BatchSpec(t2i, edit), 0, 0, LATENT)
 
