@@ -94,14 +94,11 @@ class RecoverTask(nn.Module):
         self.projector = None
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-            self.teacher_prediction, self.teacher_in_context = teacher_prediction, teacher_in_context
+            self.teacher_in_context = teacher_in_context
             self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction == "epsilon" else None
             blocks = matching_blocks(student.config, teacher.config)
             self.projector = FeatureProjector(blocks)
             self.student_taps, self.teacher_taps = Taps(student, blocks), Taps(teacher, blocks)
-
-    def set_weights(self, weights: LossWeights) -> None:
-        self.weights = weights
 
     def _student(self, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, text: TextStates) -> torch.Tensor:
         """Velocity on the target half of ``cat([x, cond], width)`` (B, C, h, w); ``cond`` is unused by a student
@@ -215,7 +212,7 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     for i, phase in enumerate(phases):
         spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
                          sigma_sampling, shift)
-        task.set_weights(phase.weights)
+        task.weights = phase.weights
         if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
             task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")
 
