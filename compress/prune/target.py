@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from dreamlite.io import DreamliteError, read_json
 
-from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, dims_of, patch_statistics,
+from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, calibration_statistics, dims_of,
                    prune_unet, skip_scores)
 
 TARGET_CLASS = "DreamLiteUNetModel"
@@ -201,7 +201,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
                              "(pruning only removes: same number of stages, none wider)")
 
     t_cfg = dict(probe.unet.config)
-    full = batches = grads = measured = pooled = patch_cov = None
+    full = batches = grads = measured = pooled = calib_stats = None
     if calib:
         say(f"calibration: {calib} batches of rendered scenes")
         full = load_bundle(teacher, seed=seed)
@@ -211,7 +211,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         say("depth: measuring each transformer layer's effect on the output")
         calls = [unet_call(full.unet, b, False) for b in batches]
         measured = skip_scores(full.unet, calls)
-        patch_cov = patch_statistics(full.unet, calls)
+        calib_stats = calibration_statistics(full.unet, calls)
         if importance == "taylor":
             grads = taylor_gradients(full.unet, batches)
         pooled = torch.cat([b["text"].pooled for b in batches]).mean(0)
@@ -224,7 +224,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         from .unet import teacher_spaces
         scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
     report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
-                        scores=scores_override, patch_cov=patch_cov)
+                        scores=scores_override, calib=calib_stats)
 
     size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
     summary = {

@@ -480,9 +480,11 @@ class _Writer:
 
 
 def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan,
-                pooled_mean: torch.Tensor | None = None, patch_cov: dict[str, torch.Tensor] | None = None) -> dict:
+                pooled_mean: torch.Tensor | None = None, calib: Calibration | None = None) -> dict:
     """Write every tensor of ``student`` (built from the target config, freshly initialised) from the teacher's kept
-    slices; see the module docstring for what is fitted or new. Returns the materialize report."""
+    slices; see the module docstring for what is fitted or new. With ``calib``, the separable fits are weighted by
+    the teacher's input patches and pruned input channels are folded into the kept ones. Returns the report."""
+    calib = calib or Calibration()
     scfg = dict(student.config)
     sd = student.state_dict()
     spaces = teacher_spaces(source, tcfg)
@@ -492,8 +494,11 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
     dropped: list[str] = []
     notes: dict[str, float] = {}
 
+    folds: dict[str, torch.Tensor] = {}  # module -> what its bias gains from folding its pruned inputs
+
     def sliced(tname: str, student_shape: tuple[int, ...]) -> torch.Tensor:
         t = source.get(tname)
+        module, part = tname.rsplit(".", 1)
         for d, names in enumerate(dims_of(tname, tuple(t.shape), tcfg)):
             if names is None:
                 continue
@@ -503,7 +508,15 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
                     pad[d] = student_shape[d] - t.shape[d]
                     t = torch.cat([t, t.new_zeros(pad)], dim=d)
                 continue
-            t = t.index_select(d, plan.index(names, sizes))
+            index = plan.index(names, sizes)
+            if d == 1 and part == "weight" and module in calib.inputs and len(index) < t.shape[1]:
+                t, folds[module] = fold_pruned_inputs(t, index, calib.inputs[module])
+            else:
+                t = t.index_select(d, index)
+        if part == "bias" and module in calib.inputs:
+            if module not in folds:
+                sliced(f"{module}.weight", ())
+            t = t + folds.get(module, 0)
         return t
 
     for name, target in sd.items():
@@ -513,7 +526,7 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
         sep = re.match(r"^(.*resnets\.\d+)\.conv1\.depthwise\.weight$", name)
         if sep:
             _separable_resnet(sep.group(1), student_name_to_teacher(sep.group(1), plan), source, tcfg, scfg, sd,
-                              plan, sizes, sliced, w, fit_errors, dropped, patch_cov or {})
+                              plan, sizes, sliced, w, fit_errors, dropped, calib.patches)
             continue
         if re.search(r"resnets\.\d+\.(conv1|conv2)\.(depthwise|pointwise)\.weight$", name):
             continue  # written with their conv1.depthwise
@@ -582,7 +595,7 @@ def _separable_resnet(prefix: str, tprefix: str, source, tcfg, scfg, sd, plan, s
     keep = plan.index(inner, sizes)
     k = len(keep)
     w1 = sliced(f"{tprefix}.conv1.weight", ())  # (k, in, 3, 3)
-    b1 = source.get(f"{tprefix}.conv1.bias")[keep]
+    b1 = sliced(f"{tprefix}.conv1.bias", ())
     layout = _group_layout(k, scfg.get("norm_num_groups") or 32)
     rows = torch.tensor([j for j, _ in layout])
     into = plan.index(dims_of(f"{tprefix}.conv1.weight", (1, 1), tcfg)[1], sizes)
@@ -696,12 +709,12 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
                grads: dict[str, torch.Tensor] | None = None, measured_depth: dict[str, list[float]] | None = None,
                pooled_mean: torch.Tensor | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
                scores: dict[str, torch.Tensor] | None = None,
-               patch_cov: dict[str, torch.Tensor] | None = None) -> list[dict]:
+               calib: Calibration | None = None) -> list[dict]:
     """Fill ``student`` (a DreamLiteUNetModel built from the target config) from the teacher: depth, width and
     heads passes, then materialize. ``scores``: channel scores per space computed elsewhere (activation statistics);
-    otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). ``patch_cov``: per teacher ResNet
-    conv, the input patch statistics the separable fits are weighted by (``patch_statistics``). Returns the
-    per-pass report."""
+    otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). ``calib``: the teacher's
+    input statistics (``calibration_statistics``) that weight the fits and fold pruned inputs. Returns the per-pass
+    report."""
     say = progress or (lambda _m: None)
     tcfg, scfg = dict(teacher_config), dict(student.config)
     sd = student.state_dict()
@@ -722,38 +735,116 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
                 plan.keep[b] = plan.keep[a]
     for s in spaces:  # spaces the student does not touch keep nothing; spaces it keeps whole keep everything
         plan.keep.setdefault(s, torch.arange(spaces[s].size))
+    _count_parameters(plan, source, tcfg, spaces)
     say("materialize: inheriting, fitting and initialising the target's tensors")
-    plan.report.append(materialize(source, tcfg, student, plan, pooled_mean, patch_cov))
+    plan.report.append(materialize(source, tcfg, student, plan, pooled_mean, calib))
+    plan.report[-1]["parameters_after"] = sum(t.numel() for t in sd.values())
     return plan.report
 
 
+def _count_parameters(plan: Plan, source: TensorSource, tcfg: dict, spaces: dict[str, Space]) -> None:
+    """``parameters_after`` on each depth and width/heads report entry: the teacher's layout with the layers and
+    channels kept so far (materialize then changes the layout itself)."""
+    total = sum(int(np.prod(source.shape(k))) for k in source.keys())
+    sizes = {s: sp.size for s, sp in spaces.items()}
+    kept = 0
+    for name in source.keys():
+        m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.", name)
+        if m and m.group(1) in plan.layers and int(m.group(2)) not in plan.layers[m.group(1)]:
+            continue
+        shape = source.shape(name)
+        dims = dims_of(name, shape, tcfg)
+        kept += int(np.prod([len(plan.index(n, sizes)) if n and n != ("text",) else d for n, d in zip(dims, shape)]))
+    for entry in plan.report:
+        if entry["pass"] == "depth":
+            total -= entry["parameters_removed"]
+            entry["parameters_after"] = total
+        elif entry["pass"] in ("width", "heads"):
+            entry["parameters_after"] = kept
+
+
+@dataclass
+class Calibration:
+    """What materialize is weighted by, measured on the teacher over calibration batches.
+
+    ``patches``: per ResNet 3x3 conv, second moments (in, 9, 9) of each input channel's patches (the separable fits).
+    ``inputs``: per Conv2d / Linear, second moments (in+1, in+1) of its input channels and a constant 1 (the
+    compensation of pruned input channels)."""
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 @torch.no_grad()
-def patch_statistics(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Second moments (in, 9, 9) of the 3x3 input patches of every ResNet conv, on calibration batches (what the
-    separable-conv fits are weighted by)."""
+def calibration_statistics(unet: nn.Module, batches: list[dict], max_inputs: int = 4096) -> Calibration:
+    """One pass of the teacher over calibration batches (U-Net call arguments), collecting :class:`Calibration`."""
     import torch.nn.functional as F
 
-    stats: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
+    sums: dict[tuple[str, str], torch.Tensor] = {}
+    counts: dict[tuple[str, str], int] = {}
 
-    def hook_for(name):
+    def add(key, value, n):
+        sums[key] = sums.get(key, 0) + value
+        counts[key] = counts.get(key, 0) + n
+
+    def hook_for(name, patches):
         def hook(module, args):
             x = args[0].float()
-            b, c = x.shape[:2]
-            patches = F.unfold(x, module.kernel_size, padding=module.padding).view(b, c, -1, x.shape[-2] * x.shape[-1])
-            second = torch.einsum("bcpl,bcql->cpq", patches, patches)
-            stats[name] = stats.get(name, 0) + second
-            counts[name] = counts.get(name, 0) + b * patches.shape[-1]
+            if isinstance(module, nn.Conv2d):
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, B*H*W)
+                if patches:
+                    b, c = x.shape[:2]
+                    p = F.unfold(x, module.kernel_size, padding=module.padding).view(b, c, -1, flat.shape[1] // b)
+                    add(("patches", name), torch.einsum("bcpl,bcql->cpq", p, p), flat.shape[1])
+            else:
+                flat = x.reshape(-1, x.shape[-1]).T  # (C, tokens)
+            z = torch.cat([flat, flat.new_ones(1, flat.shape[1])]).double()
+            add(("inputs", name), z @ z.T, flat.shape[1])
         return hook
 
+    hooks = []
     for name, module in unet.named_modules():
-        if re.search(r"resnets\.\d+\.conv[12]$", name) and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels <= max_inputs:
+            patches = bool(re.search(r"resnets\.\d+\.conv[12]$", name)) and module.kernel_size == (3, 3)
+            hooks.append(module.register_forward_pre_hook(hook_for(name, patches)))
+        elif isinstance(module, nn.Linear) and module.in_features <= max_inputs:
+            hooks.append(module.register_forward_pre_hook(hook_for(name, False)))
     try:
         for b in batches:
             unet(**b)
     finally:
         for h in hooks:
             h.remove()
-    return {k: v / counts[k] for k, v in stats.items()}
+    out = Calibration()
+    for (kind, name), v in sums.items():
+        getattr(out, kind)[name] = (v / counts[kind, name]).float() if kind == "patches" else v / counts[kind, name]
+    return out
+
+
+FOLD_RIDGE = 1.0  # relative to the kept channels' mean energy; see docs/pruning.md for the measurement
+
+
+def fold_pruned_inputs(weight: torch.Tensor, keep: torch.Tensor, moments: torch.Tensor, ridge: float = FOLD_RIDGE
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel reconstruction (He et al. 2017, "Channel Pruning"; ThiNet): the removed input channels' contribution
+    is folded into the kept ones by their least-squares prediction from the kept channels and a constant.
+
+    ``weight``: (out, in, ...) over all teacher input channels; ``keep``: kept input channels; ``moments``:
+    (in+1, in+1) second moments of [x, 1] on calibration inputs. Returns the weight on the kept channels
+    (out, len(keep), ...) and what the layer's bias gains (out,): with ``ridge=0``, exact when the removed channels
+    are affine functions of the kept ones (for a conv, away from the zero-padded border). The ridge shrinks the
+    prediction: the pruned student's own inputs drift from the teacher's (its GroupNorms see fewer channels), and a
+    full-strength fold amplifies that drift."""
+    n = weight.shape[1]
+    gone = torch.tensor(sorted(set(range(n)) - set(keep.tolist())), dtype=torch.long)
+    if len(gone) == 0:
+        return weight.index_select(1, keep), weight.new_zeros(weight.shape[0])
+    basis = torch.cat([keep, torch.tensor([n])])  # the kept channels and the constant
+    m = moments.double()
+    gram = m[basis][:, basis]
+    gram = gram + ridge * gram.diagonal()[:-1].mean() * torch.diag(torch.cat([torch.ones(len(keep)),
+                                                                              torch.zeros(1)])).double()
+    a = torch.linalg.solve(gram, m[basis][:, gone]).T.float()  # (gone, kept + 1): x_gone ~ a @ [x_keep, 1]
+    w_gone = weight.index_select(1, gone)
+    folded = weight.index_select(1, keep) + torch.einsum("og...,gk->ok...", w_gone, a[:, :-1])
+    bias = torch.einsum("og...,g->o", w_gone, a[:, -1])
+    return folded, bias

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from conftest import TINY, tiny_bundle
 from dreamlite.cli import main
 from dreamlite.compress.prune.generic import example_inputs
-from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, depth_pass, prune_unet, select,
-                                           skip_scores)
+from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, calibration_statistics, depth_pass,
+                                           fold_pruned_inputs, prune_unet, select, skip_scores)
 from dreamlite.models.presets import build, get_preset
 
 
@@ -83,6 +83,9 @@ def test_shapes_mobile_from_the_server_layout(tmp_path):
     assert kinds[0] == "depth" and "width" in kinds and "heads" in kinds and kinds[-1] == "materialize"
     counts = report[-1]["parameters"]
     assert sum(counts.values()) == sum(q.numel() for q in s.parameters()) and counts["inherited"] > counts["new"]
+    after = [r["parameters_after"] for r in report]  # each pass's model, from the teacher's size to the student's
+    assert sum(q.numel() for q in t.parameters()) > after[0] and after == sorted(after, reverse=True)
+    assert after[-1] == sum(q.numel() for q in s.parameters())
     # stage 1 gains cross-attention the teacher never had: it starts as the identity
     block = s.down_blocks[0].attentions[0]
     x = torch.randn(1, block.config.in_channels, 4, 4)
@@ -177,3 +180,41 @@ def test_bad_target_input_is_one_line(args, message, tiny_folders, tmp_path):
     r = invoke("prune", "--teacher", tiny_folders["shapes-server"], *args, "--out", tmp_path / "o")
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kernel", [None, 3])
+def test_folding_pruned_inputs_is_exact_when_they_are_affine_in_the_kept_ones(kernel):
+    g = torch.Generator().manual_seed(0)
+    kept = torch.randn(4000, 5, generator=g)
+    mix = torch.randn(5, 3, generator=g)
+    x = torch.cat([kept, kept @ mix + 0.5], 1)[:, torch.tensor([0, 5, 1, 6, 2, 3, 7, 4])]  # removed: 1, 3, 6
+    keep = torch.tensor([0, 2, 4, 5, 7])
+    z = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    moments = z.T @ z / len(z)
+    if kernel is None:
+        layer = torch.nn.Linear(8, 4)
+        w, b = fold_pruned_inputs(layer.weight.data, keep, moments, ridge=0.0)
+        small = torch.nn.Linear(5, 4)
+        small.weight.data, small.bias.data = w, layer.bias.data + b
+        with torch.no_grad():
+            assert torch.allclose(small(x[:, keep]), layer(x), atol=1e-4)
+    else:  # the same channels at every pixel of a map; exact away from the zero-padded border
+        maps = x[:64].T.reshape(1, 8, 8, 8)
+        layer = torch.nn.Conv2d(8, 4, kernel, padding=1)
+        w, b = fold_pruned_inputs(layer.weight.data, keep, moments, ridge=0.0)
+        small = torch.nn.Conv2d(5, 4, kernel, padding=1)
+        small.weight.data, small.bias.data = w, layer.bias.data + b
+        with torch.no_grad():
+            want, got = layer(maps), small(maps[:, keep])
+        assert torch.allclose(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-4)
+    assert not torch.allclose(layer.weight.data.index_select(1, keep), w)  # the fold did change the kept weights
+
+
+def test_calibration_folds_nothing_when_nothing_is_pruned():
+    t = teacher()
+    s = dreamlite_twin(t)
+    x = example_inputs(t, 2, torch.Generator().manual_seed(0))
+    calib = calibration_statistics(t, [x])
+    assert "conv_out" in calib.inputs and calib.inputs["conv_out"].shape == (t.conv_out.in_channels + 1,) * 2
+    prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, calib=calib)
+    assert max_deviation(t, s) == 0
