@@ -46,6 +46,8 @@ setup(
     ],
     extras_require={
         "qnn": [QNN],
+        # Intel Neural Compressor, torch-side INT8 (benchmarks/artifact_quality.py's comparison column)
+        "inc": ["neural-compressor-pt>=3.4"],
         "test": ["pytest>=7", "transformers>=4.40", QNN],
     },
     entry_points={"console_scripts": ["dreamlite=dreamlite.cli:main"]},

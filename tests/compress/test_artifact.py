@@ -138,3 +138,32 @@ def test_bad_quantize_input_is_one_line(args, message, artifact, tmp_path):
     r = invoke("quantize", "--model", artifact, "--steps", 1, "--calib", 1, *args, "--out", tmp_path / "o")
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def _feeds(artifact, n=2):
+    from dreamlite.compress.quantize.artifact import load_artifact, random_feed
+    manifest, sess = load_artifact(artifact)
+    return manifest, sess, [random_feed(manifest, seed) for seed in range(n)]
+
+
+def test_a_torch_module_behind_the_session_interface_matches_onnx_runtime(artifact, tiny_folders):
+    from dreamlite.compress.quantize.export import UNetGraph
+    from dreamlite.compress.quantize.inc import TorchSession, _Input
+    from dreamlite.models.bundle import load_bundle
+    manifest, sess, feeds = _feeds(artifact)
+    unet = load_bundle(str(tiny_folders["shapes-mobile"])).unet.float().eval()
+    torch_sess = TorchSession(UNetGraph(unet, *manifest["image_size"]).eval(),
+                              [_Input(i["name"], i["shape"]) for i in manifest["inputs"]])
+    assert [i.shape[0] for i in torch_sess.get_inputs()][0] == sess.get_inputs()[0].shape[0]
+    for feed in feeds:
+        assert np.abs(torch_sess.run(None, feed)[0] - sess.run(None, feed)[0]).max() < 1e-4
+
+
+def test_neural_compressor_int8_stays_close_to_fp32(artifact):
+    pytest.importorskip("neural_compressor.torch")
+    from dreamlite.compress.quantize.inc import inc_int8_session
+    _, sess, feeds = _feeds(artifact, 3)
+    int8 = inc_int8_session(artifact, feeds)
+    ref, got = sess.run(None, feeds[0])[0], int8.run(None, feeds[0])[0]
+    assert got.shape == ref.shape and not np.array_equal(got, ref)  # quantized, so not bit-equal
+    assert ((got - ref) ** 2).mean() / (ref ** 2).mean() < 0.05
