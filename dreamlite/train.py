@@ -172,6 +172,7 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     params = _trainable(unwrapped)
     recent: list[float] = []
     t0, seen = time.perf_counter(), 0
+    window = (t0, 0)  # the speed shown is over the last log interval, not since the start
     for step in track(range(start, s.steps), total=s.steps - start, description=description):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
@@ -198,7 +199,9 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
         recent = (recent + [logs["loss"]])[-s.log_every:]
         done = step + 1
         if done % s.log_every == 0 or done == s.steps:
-            rate = seen / (time.perf_counter() - t0)
+            now = time.perf_counter()
+            rate = (seen - window[1]) / max(1e-9, now - window[0])
+            window = (now, seen)
             _append_log(log_path, done, lr_at(step, s), rate, logs, acc.is_main_process)
             if acc.is_main_process:
                 log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
