@@ -44,11 +44,12 @@ def inc_int8_session(fp32_artifact, feeds: list[dict[str, np.ndarray]]) -> Torch
         from neural_compressor.torch.export import export
         from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
     except ImportError:
-        raise DreamliteError("--backend inc: neural-compressor is not installed "
-                             "(pip install neural-compressor-pt -c constraints.txt)") from None
+        raise DreamliteError("neural-compressor is not installed "
+                             "(pip install -e '.[inc]' -c constraints.txt)") from None
     from dreamlite.models.bundle import load_bundle
 
     from .export import UNetGraph
+    from .qdq import _quiet
 
     if not feeds:
         raise DreamliteError("--calib: no calibration feeds for neural-compressor")
@@ -58,26 +59,10 @@ def inc_int8_session(fp32_artifact, feeds: list[dict[str, np.ndarray]]) -> Torch
     graph = UNetGraph(torch_model.unet.float().eval(), *manifest["image_size"]).eval()
     inputs = [_Input(i["name"], list(i["shape"])) for i in manifest["inputs"]]
     args = tuple(torch.from_numpy(feeds[0][i.name]) for i in inputs)
-    with _quiet():
+    with _quiet("neural_compressor"):
         prepared = prepare(export(graph, args), StaticQuantConfig())
         with torch.no_grad():
             for feed in feeds:
                 prepared(*[torch.from_numpy(feed[i.name]) for i in inputs])
         return TorchSession(convert(prepared), inputs)
 
-
-def _quiet():
-    """INC logs every rewrite at INFO; keep the benchmark's output readable."""
-    import contextlib
-    import logging
-
-    @contextlib.contextmanager
-    def cm():
-        log = logging.getLogger("neural_compressor")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            log.setLevel(level)
-    return cm()

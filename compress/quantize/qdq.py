@@ -160,15 +160,16 @@ def untie_initializers(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """ORT's QNN preprocessing and quantizer log a warning per unnamed node and per norm weight to the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet(logger: str | None = None):
+    """Only errors from ``logger`` (default the root logger) inside the block: ORT's QNN preprocessing and quantizer
+    log a warning per unnamed node and per norm weight; neural-compressor logs every graph rewrite."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        log.setLevel(level)
 
 
 def _matching_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
