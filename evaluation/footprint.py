@@ -23,10 +23,11 @@ def text_shapes(config: dict, tokens: int) -> tuple[int, int]:
     return width, pooled
 
 
-def macs_per_call(unet: torch.nn.Module, latent_hw: tuple[int, int], image_hw: tuple[int, int],
-                  text_tokens: int = 77) -> int:
-    """Multiply-accumulates of one U-Net call at batch 1, counted by torch's FlopCounterMode on the meta device
-    (convolutions, matmuls and attention; norms and activations are not counted)."""
+def macs_per_module(unet: torch.nn.Module, latent_hw: tuple[int, int], image_hw: tuple[int, int],
+                    text_tokens: int = 77) -> dict[str, int]:
+    """Multiply-accumulates of one U-Net call at batch 1 per module, each module's own (its children's excluded; the
+    key "" is the top level), counted by torch's FlopCounterMode on the meta device (convolutions, matmuls and
+    attention; norms and activations are not counted)."""
     config = dict(unet.config)
     width, pooled = text_shapes(config, text_tokens)
     with torch.device("meta"):
@@ -35,7 +36,24 @@ def macs_per_call(unet: torch.nn.Module, latent_hw: tuple[int, int], image_hw: t
         text = TextStates(torch.empty(1, text_tokens, width), torch.empty(1, pooled))
         with FlopCounterMode(display=False) as counter:
             meta(x, torch.empty(1), **unet_inputs(config, text, *image_hw))
-    return counter.get_total_flops() // 2
+    prefix = type(meta).__name__
+    total = {k[len(prefix) + 1:] if k != prefix else "": sum(v.values()) // 2
+             for k, v in counter.get_flop_counts().items() if k == prefix or k.startswith(prefix + ".")}
+    own = dict(total)
+    for name, value in total.items():
+        parent = name
+        while parent:  # the nearest counted ancestor (containers such as ModuleLists are not counted)
+            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+            if parent in total:
+                own[parent] -= value
+                break
+    return own
+
+
+def macs_per_call(unet: torch.nn.Module, latent_hw: tuple[int, int], image_hw: tuple[int, int],
+                  text_tokens: int = 77) -> int:
+    """Multiply-accumulates of one U-Net call at batch 1 (see ``macs_per_module``)."""
+    return sum(macs_per_module(unet, latent_hw, image_hw, text_tokens).values())
 
 
 def folder_bytes(folder) -> int:

@@ -171,7 +171,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     to the largest DreamLite layout within ``params`` / ``macs`` ('0.39B', '1.4T'), and write the model folder
     ``out``. ``importance`` defaults to activation when calibration runs, magnitude otherwise. Returns the report
     written to ``out/dreamlite.json``."""
-    from dreamlite.evaluation.footprint import macs_per_call
+    from dreamlite.evaluation.footprint import macs_per_call, macs_per_module
     from dreamlite.models.bundle import Bundle, load_bundle
     from dreamlite.models.presets import build
 
@@ -223,10 +223,10 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     if importance == "activation":
         from .unet import teacher_spaces
         scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
-    report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
-                        scores=scores_override, calib=calib_stats)
-
     size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
+    teacher_macs = macs_per_module(probe.unet, (h, h), (size, size), tokens)
+    report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
+                        scores=scores_override, calib=calib_stats, module_macs=teacher_macs)
     summary = {
         "teacher": teacher, "target": target or {"params": params, "macs": macs, **budget,
                                                   "block_out_channels": cfg["block_out_channels"],
@@ -235,9 +235,10 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         "importance": importance, "calibration_batches": calib,
         "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
         "parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_macs_per_call": macs_per_call(probe.unet, (h, h), (size, size), tokens),
+        "teacher_macs_per_call": sum(teacher_macs.values()),
         "macs_per_call": macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (size, size), tokens),
     }
+    report[-1]["macs_after"] = summary["macs_per_call"]  # the student, at its in-context width (target | context)
     if batches:
         summary["relative_output_deviation"] = round(deviation(full.unet, student, batches), 4)
         summary["relative_output_deviation_random_init"] = round(deviation(full.unet, build_target(cfg, seed + 1),

@@ -709,12 +709,12 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
                grads: dict[str, torch.Tensor] | None = None, measured_depth: dict[str, list[float]] | None = None,
                pooled_mean: torch.Tensor | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
                scores: dict[str, torch.Tensor] | None = None,
-               calib: Calibration | None = None) -> list[dict]:
+               calib: Calibration | None = None, module_macs: dict[str, int] | None = None) -> list[dict]:
     """Fill ``student`` (a DreamLiteUNetModel built from the target config) from the teacher: depth, width and
     heads passes, then materialize. ``scores``: channel scores per space computed elsewhere (activation statistics);
     otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). ``calib``: the teacher's
-    input statistics (``calibration_statistics``) that weight the fits and fold pruned inputs. Returns the per-pass
-    report."""
+    input statistics (``calibration_statistics``) that weight the fits and fold pruned inputs. ``module_macs``: the
+    teacher's MACs per module (``macs_per_module``), for MACs after each pass. Returns the per-pass report."""
     say = progress or (lambda _m: None)
     tcfg, scfg = dict(teacher_config), dict(student.config)
     sd = student.state_dict()
@@ -735,32 +735,67 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
                 plan.keep[b] = plan.keep[a]
     for s in spaces:  # spaces the student does not touch keep nothing; spaces it keeps whole keep everything
         plan.keep.setdefault(s, torch.arange(spaces[s].size))
-    _count_parameters(plan, source, tcfg, spaces)
+    _count_after_passes(plan, source, tcfg, spaces, module_macs)
     say("materialize: inheriting, fitting and initialising the target's tensors")
     plan.report.append(materialize(source, tcfg, student, plan, pooled_mean, calib))
     plan.report[-1]["parameters_after"] = sum(t.numel() for t in sd.values())
     return plan.report
 
 
-def _count_parameters(plan: Plan, source: TensorSource, tcfg: dict, spaces: dict[str, Space]) -> None:
-    """``parameters_after`` on each depth and width/heads report entry: the teacher's layout with the layers and
-    channels kept so far (materialize then changes the layout itself)."""
-    total = sum(int(np.prod(source.shape(k))) for k in source.keys())
+def _count_after_passes(plan: Plan, source: TensorSource, tcfg: dict, spaces: dict[str, Space],
+                        module_macs: dict[str, int] | None) -> None:
+    """``parameters_after`` (and ``macs_after`` given the teacher's own MACs per module, ``macs_per_module``) on each
+    depth and width/heads report entry: the teacher's layout with the layers and channels kept so far (materialize
+    then changes the layout itself). A conv or linear layer's MACs shrink with its weight; attention's own products
+    with its query heads."""
     sizes = {s: sp.size for s, sp in spaces.items()}
-    kept = 0
-    for name in source.keys():
-        m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.", name)
-        if m and m.group(1) in plan.layers and int(m.group(2)) not in plan.layers[m.group(1)]:
-            continue
+
+    def removed(name: str) -> str | None:  # the attention block of a dropped transformer layer
+        m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)(\.|$)", name)
+        return m.group(1) if m and m.group(1) in plan.layers and int(m.group(2)) not in plan.layers[m.group(1)] \
+            else None
+
+    def kept(name: str) -> tuple[int, int]:  # (kept elements, first-dim fraction numerator) of one teacher tensor
         shape = source.shape(name)
-        dims = dims_of(name, shape, tcfg)
-        kept += int(np.prod([len(plan.index(n, sizes)) if n and n != ("text",) else d for n, d in zip(dims, shape)]))
+        sizes_kept = [len(plan.index(n, sizes)) if n and n != ("text",) else d
+                      for n, d in zip(dims_of(name, shape, tcfg), shape)]
+        return int(np.prod(sizes_kept)), sizes_kept[0]
+
+    params = {"teacher": 0, "depth": 0, "width": 0}
+    macs = {"teacher": 0.0, "depth": 0.0, "width": 0.0}
+    lost: dict[str, list[float]] = {}  # per attention block: parameters and MACs of its dropped layers
+    for name in source.keys():
+        n = int(np.prod(source.shape(name)))
+        params["teacher"] += n
+        if removed(name):
+            lost.setdefault(removed(name), [0, 0.0])[0] += n
+            continue
+        params["depth"] += n
+        params["width"] += kept(name)[0]
+    for module, value in (module_macs or {}).items():
+        macs["teacher"] += value
+        if removed(module):
+            lost.setdefault(removed(module), [0, 0.0])[1] += value
+            continue
+        macs["depth"] += value
+        if f"{module}.weight" in source:
+            macs["width"] += value * kept(f"{module}.weight")[0] / np.prod(source.shape(f"{module}.weight"))
+        elif f"{module}.to_q.weight" in source:
+            macs["width"] += value * kept(f"{module}.to_q.weight")[1] / source.shape(f"{module}.to_q.weight")[0]
+        else:
+            macs["width"] += value
+    running = [params["teacher"], macs["teacher"]]
     for entry in plan.report:
         if entry["pass"] == "depth":
-            total -= entry["parameters_removed"]
-            entry["parameters_after"] = total
+            gone = lost.get(entry["block"], [0, 0.0])
+            running = [running[0] - gone[0], running[1] - gone[1]]
+            entry["parameters_after"] = running[0]
+            if module_macs:
+                entry["macs_after"] = int(running[1])
         elif entry["pass"] in ("width", "heads"):
-            entry["parameters_after"] = kept
+            entry["parameters_after"] = params["width"]
+            if module_macs:
+                entry["macs_after"] = int(macs["width"])
 
 
 @dataclass

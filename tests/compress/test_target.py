@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import TINY, tiny_bundle
 from dreamlite.cli import main
 from dreamlite.compress.prune.generic import example_inputs
+from dreamlite.evaluation.footprint import macs_per_module
 from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, calibration_statistics, depth_pass,
                                            fold_pruned_inputs, prune_unet, select, skip_scores)
 from dreamlite.models.presets import build, get_preset
@@ -78,7 +79,8 @@ def test_shapes_mobile_from_the_server_layout(tmp_path):
     t = teacher()
     p = get_preset("shapes-mobile")
     s = build(p.config, p.cls, seed=1, **TINY["shapes-mobile"])
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    macs = macs_per_module(t, (8, 8), (64, 64), 4)
+    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, module_macs=macs)
     kinds = [r["pass"] for r in report]
     assert kinds[0] == "depth" and "width" in kinds and "heads" in kinds and kinds[-1] == "materialize"
     counts = report[-1]["parameters"]
@@ -86,6 +88,8 @@ def test_shapes_mobile_from_the_server_layout(tmp_path):
     after = [r["parameters_after"] for r in report]  # each pass's model, from the teacher's size to the student's
     assert sum(q.numel() for q in t.parameters()) > after[0] and after == sorted(after, reverse=True)
     assert after[-1] == sum(q.numel() for q in s.parameters())
+    macs_after = [r["macs_after"] for r in report[:-1]]  # materialize's is the caller's (the in-context student)
+    assert sum(macs.values()) > macs_after[0] and macs_after == sorted(macs_after, reverse=True)
     # stage 1 gains cross-attention the teacher never had: it starts as the identity
     block = s.down_blocks[0].attentions[0]
     x = torch.randn(1, block.config.in_channels, 4, 4)
