@@ -513,10 +513,13 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
                 t, folds[module] = fold_pruned_inputs(t, index, calib.inputs[module])
             else:
                 t = t.index_select(d, index)
-        if part == "bias" and module in calib.inputs:
-            if module not in folds:
-                sliced(f"{module}.weight", ())
-            t = t + folds.get(module, 0)
+        if module in calib.inputs:
+            if part == "weight":
+                folds.setdefault(module, 0)  # nothing folded: the bias gains nothing
+            elif part == "bias":
+                if module not in folds:  # the bias came before its weight
+                    sliced(f"{module}.weight", ())
+                t = t + folds[module]
         return t
 
     for name, target in sd.items():
@@ -767,15 +770,15 @@ def _count_after_passes(plan: Plan, source: TensorSource, tcfg: dict, spaces: di
     for name in source.keys():
         n = int(np.prod(source.shape(name)))
         params["teacher"] += n
-        if removed(name):
-            lost.setdefault(removed(name), [0, 0.0])[0] += n
+        if block := removed(name):
+            lost.setdefault(block, [0, 0.0])[0] += n
             continue
         params["depth"] += n
         params["width"] += kept(name)[0]
     for module, value in (module_macs or {}).items():
         macs["teacher"] += value
-        if removed(module):
-            lost.setdefault(removed(module), [0, 0.0])[1] += value
+        if block := removed(module):
+            lost.setdefault(block, [0, 0.0])[1] += value
             continue
         macs["depth"] += value
         if f"{module}.weight" in source:

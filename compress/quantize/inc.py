@@ -48,13 +48,13 @@ def inc_int8_session(fp32_artifact, feeds: list[dict[str, np.ndarray]]) -> Torch
                              "(pip install -e '.[inc]' -c constraints.txt)") from None
     from dreamlite.models.bundle import load_bundle
 
+    from .artifact import verify
     from .export import UNetGraph
     from .qdq import _quiet
 
     if not feeds:
         raise DreamliteError("--calib: no calibration feeds for neural-compressor")
-    art = load_bundle(str(fp32_artifact))
-    manifest = art.meta["artifact"]
+    manifest = verify(fp32_artifact)
     torch_model = load_bundle(manifest["model"])
     graph = UNetGraph(torch_model.unet.float().eval(), *manifest["image_size"]).eval()
     inputs = [_Input(i["name"], list(i["shape"])) for i in manifest["inputs"]]
