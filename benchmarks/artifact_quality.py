@@ -1,6 +1,6 @@
 """Quality of the deployable artifacts of one model (issue 6): GenEval-style and ImgEdit-style scores of fp32 torch,
-fp32 ONNX, W8A16 and W8A8 QDQ ONNX, and neural-compressor's torch-side INT8, side by side on the same benchmarks,
-seeds and sampler settings.
+fp32 ONNX, W8A16 and W8A8 QDQ ONNX, and neural-compressor's INT8 (calibrated in torch, exported to QDQ ONNX),
+side by side on the same benchmarks, seeds and sampler settings.
 
     python benchmarks/artifact_quality.py --model runs/full/02-recover/model [--n-per-tag 20] [--n-per-type 10]
                                           [--calib 8] [--no-inc] [--json out.json]
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from dreamlite.compress.quantize.artifact import export_artifact
-from dreamlite.compress.quantize.qdq import calibration_feeds, quantize_artifact
+from dreamlite.compress.quantize.qdq import quantize_artifact
 from dreamlite.evaluation.model_bench import bench_edit, bench_gen
 from dreamlite.models.bundle import load_bundle
-from dreamlite.models.sampler import OrtDenoiser, default_settings
+from dreamlite.models.sampler import default_settings
 
 
 def main():
@@ -41,27 +41,20 @@ def main():
         tmp = Path(tmp)
         fp32 = tmp / "fp32"
         export_artifact(torch_model, fp32, mode="edit")
-        variants = {"fp32 torch": (lambda: (torch_model, None)),
-                    "fp32 ONNX": (lambda: (load_bundle(str(fp32)), None))}
-        for scheme in ("w8a16", "w8a8"):
-            def qdq(scheme=scheme):
-                quantize_artifact(str(fp32), tmp / scheme, scheme, calib=a.calib, seed=0)
-                return load_bundle(str(tmp / scheme)), None
-            variants[f"{scheme.upper()} QDQ ONNX"] = qdq
+        variants = {"fp32 torch": (lambda: torch_model), "fp32 ONNX": (lambda: load_bundle(str(fp32)))}
+        quantized = [("W8A16 QDQ ONNX", "w8a16", "ort"), ("W8A8 QDQ ONNX", "w8a8", "ort")]
         if not a.no_inc:
-            def inc():
-                from dreamlite.compress.quantize.inc import inc_int8_session
-
-                art = load_bundle(str(fp32))
-                session = inc_int8_session(fp32, calibration_feeds(art, a.calib, 0))
-                return art, OrtDenoiser(session)
-            variants["INC INT8 (torch, PT2E)"] = inc
+            quantized.append(("INC INT8 (PT2E -> QDQ ONNX)", "w8a8", "inc"))
+        for name, scheme, backend in quantized:
+            def qdq(scheme=scheme, backend=backend, out=tmp / f"{scheme}-{backend}"):
+                quantize_artifact(str(fp32), out, scheme, calib=a.calib, seed=0, backend=backend)
+                return load_bundle(str(out))
+            variants[name] = qdq
         for name, make in variants.items():
             start = time.perf_counter()
-            bundle, denoiser = make()
-            gen = bench_gen(bundle, tmp / name / "gen", a.n_per_tag, a.images_per_prompt, settings, a.seed,
-                            denoiser=denoiser)
-            edit = bench_edit(bundle, tmp / name / "edit", a.n_per_type, settings, a.seed, denoiser=denoiser)
+            bundle = make()
+            gen = bench_gen(bundle, tmp / name / "gen", a.n_per_tag, a.images_per_prompt, settings, a.seed)
+            edit = bench_edit(bundle, tmp / name / "edit", a.n_per_type, settings, a.seed)
             rows[name] = {"gen": round(gen["overall"], 3), "edit": round(edit["overall"], 2),
                           "gen_per_tag": {k: round(v, 2) for k, v in gen["per_tag"].items()},
                           "edit_per_type": {k: round(v["overall"], 2) for k, v in edit["per_type"].items()},

@@ -357,19 +357,26 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
                   f"-> {out}")
 
 
+BATCH_OPTION = click.option(
+    "--batch", type=click.IntRange(1), default=None,
+    help="Static batch (default: the guidance branches of --mode); 1 for guidance-distilled models such as "
+         "DreamLite's 4-step mobile checkpoint.")
+
+
 @main.command()
 @click.option("--model", required=True, help="A model folder, zoo:NAME or preset with weights.")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--size", type=click.IntRange(8), default=None, help="Image size in pixels (default: the model's).")
 @click.option("--mode", type=click.Choice(["generate", "edit"]), default="generate", show_default=True,
               help="Static batch = the guidance branches: 2 for generation, 3 for editing.")
-def export(model, out, size, mode):
+@BATCH_OPTION
+def export(model, out, size, mode, batch):
     """ONNX artifact (opset 21, static shapes, in-context width included) with a manifest, checked against torch."""
     from dreamlite.compress.quantize.artifact import export_artifact
     from dreamlite.models.bundle import load_bundle
     bundle = load_bundle(model)
     with staged_dir(out) as work:
-        m = export_artifact(bundle, work, size, mode)
+        m = export_artifact(bundle, work, size, mode, batch)
     console.print(f"{m['parameters']:,} parameters, {m['bytes'] / 2 ** 20:.1f} MiB, inputs "
                   + ", ".join(f"{i['name']}{i['shape']}" for i in m["inputs"])
                   + f"; ORT vs torch max |diff| {m['check']['ort_vs_torch_max_abs']:.1e} -> {out}")
@@ -386,12 +393,32 @@ def export(model, out, size, mode):
 @click.option("--size", type=click.IntRange(8), default=None)
 @click.option("--mode", type=click.Choice(["generate", "edit"]), default="generate", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def quantize(model, scheme, out, calib, steps, keep_float, size, mode, seed):
+@BATCH_OPTION
+@click.option("--calib-data", type=click.Choice(["sampler", "random"]), default="sampler", show_default=True,
+              help="sampler: the denoiser calls of --calib generations (and edits); random: --calib Gaussian feeds "
+                   "(models that cannot sample, e.g. a preset with random weights).")
+@click.option("--backend", type=click.Choice(["ort", "inc"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime's QNN QDQ configuration; inc: Intel Neural Compressor's static INT8 in torch "
+                   "(W8A8), exported to QDQ ONNX (needs the [inc] extra).")
+@click.option("--sensitivity", is_flag=True,
+              help="Measure how much error each U-Net module contributes (one quantization per module) into the "
+                   "manifest.")
+@click.option("--fallback", type=click.IntRange(0), default=0, show_default=True,
+              help="Keep the N most sensitive modules at higher precision: 16-bit activations under W8A8, float "
+                   "under W8A16 (implies --sensitivity).")
+def quantize(model, scheme, out, calib, steps, keep_float, size, mode, seed, batch, calib_data, backend, sensitivity,
+             fallback):
     """QDQ ONNX for Qualcomm QNN (W8A16 or W8A8), calibrated on the sampler's own denoiser calls."""
     from dreamlite.compress.quantize.qdq import quantize_artifact
     with staged_dir(out) as work:
-        m = quantize_artifact(model, work, scheme, calib, steps, tuple(keep_float), seed, size, mode,
-                              say=console.print)
+        m = quantize_artifact(model, work, scheme, calib, steps, tuple(keep_float), seed, size, mode, batch,
+                              calib_data, backend, sensitivity, fallback, say=console.print)
+    if "sensitivity" in m:
+        s = m["sensitivity"]
+        console.print(f"sensitivity (error {s['baseline']:.4f} with every module quantized; each row: that module at "
+                      f"{s['higher_precision']}):")
+        for r in s["modules"][:8]:
+            console.print(f"  {r['module']:<28} {r['nodes']:>5} nodes  error {r['error']:.4f}  gain {r['gain']:+.4f}")
     console.print(f"{scheme}: {m['bytes'] / 2 ** 20:.1f} MiB, relative error vs fp32 "
                   f"{m['check']['relative_error_vs_fp32']:.4f} on {m['check']['held_out_calls']} recorded calls -> {out}")
 

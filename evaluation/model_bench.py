@@ -22,8 +22,8 @@ def _batches(items: list, size: int):
         yield k, items[k:k + size]
 
 
-def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, seed: int, track=identity_track,
-              denoiser=None) -> dict:
+def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, seed: int,
+              track=identity_track) -> dict:
     """Sample ``n_per_tag`` prompts per GenEval tag, ``images_per_prompt`` each, into ``out``; judge; summary."""
     from dreamlite.models.sampler import generate
 
@@ -33,7 +33,7 @@ def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, see
     start = time.perf_counter()
     batches = list(_batches(jobs, settings.batch))
     for first, chunk in track(batches, len(batches), "sample"):
-        images = generate(bundle, [p for _, _, p in chunk], settings, denoiser=denoiser, first_index=first)
+        images = generate(bundle, [p for _, _, p in chunk], settings, first_index=first)
         for (k, s, _), image in zip(chunk, images):
             save_png(out / f"{k:05d}" / "samples" / f"{s:04d}.png", image)
     seconds = time.perf_counter() - start
@@ -47,7 +47,7 @@ def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, see
     return summary
 
 
-def bench_edit(bundle, out, n_per_type: int, settings, seed: int, track=identity_track, denoiser=None) -> dict:
+def bench_edit(bundle, out, n_per_type: int, settings, seed: int, track=identity_track) -> dict:
     """Edit ``n_per_type`` sources per ImgEdit type into ``out/edited/<id>.png``; judge; summary."""
     from dreamlite.models.sampler import edit
 
@@ -58,7 +58,7 @@ def bench_edit(bundle, out, n_per_type: int, settings, seed: int, track=identity
     batches = list(_batches(records, settings.batch))
     for first, chunk in track(batches, len(batches), "edit"):
         sources = np.stack([load_image(out / r["source"]) for r in chunk])
-        images = edit(bundle, sources, [r["prompt"] for r in chunk], settings, denoiser=denoiser, first_index=first)
+        images = edit(bundle, sources, [r["prompt"] for r in chunk], settings, first_index=first)
         for r, image in zip(chunk, images):
             save_png(out / "edited" / f"{r['id']}.png", image)
     seconds = time.perf_counter() - start

@@ -8,8 +8,10 @@ weights where QNN allows.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -19,10 +21,13 @@ import numpy as np
 from dreamlite.io import DreamliteError
 from dreamlite.models.sampler import OrtDenoiser
 
-from .artifact import (GRAPH, MANIFEST, _io, copy_companions, export_artifact, load_artifact, seal, session,
-                       write_device_kit)
+from .export import SCOPES, input_names
+from .artifact import (GRAPH, MANIFEST, _io, copy_companions, export_artifact, load_artifact, random_feed, seal,
+                       session, write_device_kit)
 
 SCHEMES = ("w8a16", "w8a8")
+CALIB_DATA = ("sampler", "random")
+BACKENDS = ("ort", "inc")
 
 
 class _Recorder(OrtDenoiser):
@@ -63,6 +68,17 @@ def calibration_feeds(bundle, n: int, seed: int, steps: int | None = None) -> li
     return rec.recorded
 
 
+def random_feeds(manifest: dict, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``n`` Gaussian feeds of the artifact's static shapes, their timesteps spread evenly over the schedule: the
+    calibration set of a model that cannot sample (random weights, or a U-Net without its text encoder)."""
+    if n < 1:
+        raise DreamliteError(f"--calib: {n} calibration samples; at least 1 is needed")
+    feeds = [random_feed(manifest, seed + k) for k in range(n)]
+    for k, feed in enumerate(feeds):
+        feed["timestep"] = np.full_like(feed["timestep"], 1000.0 * (k + 1) / n - 1.0)
+    return feeds
+
+
 class _Reader:
     def __init__(self, feeds):
         self.it = iter(feeds)
@@ -73,11 +89,16 @@ class _Reader:
 
 def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, steps: int | None = None,
                       keep_float: tuple[str, ...] = (), seed: int = 0, size: int | None = None, mode: str = "generate",
-                      say: Callable[[str], None] | None = None) -> dict:
-    """Quantize ``model`` (a model folder or an fp32 artifact) into the artifact folder ``out``."""
-    from onnxruntime.quantization import QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+                      batch: int | None = None, calib_data: str = "sampler", backend: str = "ort",
+                      sensitivity: bool = False, fallback: int = 0, say: Callable[[str], None] | None = None) -> dict:
+    """Quantize ``model`` (a model folder or an fp32 artifact) into the artifact folder ``out``.
 
+    ``calib_data``: ``sampler`` records the denoiser calls of ``calib`` generations (and edits); ``random`` uses
+    ``calib`` Gaussian feeds (for models that cannot sample, such as a preset with random weights). ``backend``:
+    ``ort`` (ONNX Runtime's QNN QDQ configuration) or ``inc`` (Intel Neural Compressor's torch-side static INT8,
+    exported to QDQ ONNX; W8A8 only). ``sensitivity``: measure each module's share of the error
+    (``sensitivity.scan``) into the manifest; ``fallback``: then keep the ``fallback`` most sensitive modules at
+    higher precision (16-bit activations in W8A8, float in W8A16)."""
     from dreamlite.models.bundle import load_bundle
 
     say = say or (lambda _m: None)
@@ -85,47 +106,123 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         raise DreamliteError(f"--scheme: {scheme!r} is not a scheme QNN runs here (one of {', '.join(SCHEMES)})")
     if calib < 1:
         raise DreamliteError(f"--calib: {calib} calibration samples; at least 1 is needed")
+    if backend not in BACKENDS:
+        raise DreamliteError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "inc" and (scheme != "w8a8" or keep_float or sensitivity or fallback):
+        raise DreamliteError("--backend inc: neural-compressor's static INT8 is W8A8 with every op quantized; "
+                             "pass --scheme w8a8 and no --keep-float, --sensitivity or --fallback")
+    if fallback < 0:
+        raise DreamliteError(f"--fallback: {fallback} modules; give 0 or more")
+    if calib_data not in CALIB_DATA:
+        raise DreamliteError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIB_DATA)}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(model)
+        src, torch_model = Path(model), None
         if not (src / MANIFEST).is_file():
             say("export: fp32 ONNX")
-            export_artifact(load_bundle(model), Path(tmp) / "fp32", size, mode)
+            torch_model = load_bundle(model)
+            export_artifact(torch_model, Path(tmp) / "fp32", size, mode, batch)
             src = Path(tmp) / "fp32"
         fp32 = load_bundle(str(src))
         if fp32.meta["artifact"]["scheme"] != "fp32":
             raise DreamliteError(f"{model}: already quantized ({fp32.meta['artifact']['scheme']}); quantize the fp32 "
                                  "model or artifact")
-        names = _matching_nodes(src / GRAPH, keep_float)  # a bad pattern fails before the slow part
-        say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
-        feeds = calibration_feeds(fp32, calib, seed, steps)
+        if keep_float:  # a module that does not exist fails before the slow part
+            import onnx
+            graph = onnx.load(str(src / GRAPH), load_external_data=False)
+            _matching_nodes(node_modules(graph, graph), keep_float)
+        if calib_data == "random":
+            say(f"calibration: {calib} Gaussian feeds, timesteps across the schedule")
+            feeds = random_feeds(fp32.meta["artifact"], calib, seed)
+        elif fp32.text is None:
+            raise DreamliteError(f"--calib-data: {model} has no text encoder, so the sampler cannot run for "
+                                 "calibration; pass --calib-data random")
+        else:
+            say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
+            feeds = calibration_feeds(fp32, calib, seed, steps)
         held_out = feeds[1::7] or feeds[:1]
-        say(f"quantize: {scheme}, {len(feeds)} recorded denoiser calls")
-        pre = Path(tmp) / "pre.onnx"
-        act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
+        report = None
+        say(f"quantize: {scheme} ({backend}), {len(feeds)} recorded denoiser calls")
         out.mkdir(parents=True, exist_ok=True)
-        with _quiet():
-            qnn_preprocess_model(str(src / GRAPH), str(pre))
-            untie_initializers(pre)
-            names = _matching_nodes(pre, keep_float)
-            cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
-                                     per_channel=True, nodes_to_exclude=names or None)
-            quantize(str(pre), str(out / GRAPH), cfg)
+        if backend == "inc":
+            from .inc import export_inc_onnx, inc_int8_module
+
+            torch_model = torch_model or load_bundle(fp32.meta["artifact"]["model"])
+            module = inc_int8_module(torch_model, fp32.meta["artifact"]["image_size"], feeds)
+            export_inc_onnx(module, feeds[0], input_names(torch_model.unet), out / GRAPH)
+            act, weights = "INT8 per-tensor (neural-compressor)", "INT8 per-channel (neural-compressor)"
+            chosen = []
+        else:
+            pre = Path(tmp) / "pre.onnx"
+            modules = prepare_graph(src / GRAPH, pre)
+            names = _matching_nodes(modules, keep_float) if keep_float else []
+            ort_qdq(pre, out / GRAPH, feeds, scheme, names)
+            chosen = []
+            if sensitivity or fallback:
+                from . import sensitivity as sens
+
+                report = sens.scan(out / GRAPH, pre, modules, scheme, session(src / GRAPH), held_out, say=say)
+                chosen, nodes = sens.fallback(report, modules, fallback)
+                if chosen:
+                    say(f"fallback: {', '.join(chosen)} at {report['higher_precision']}; quantizing again")
+                    wide = nodes if scheme == "w8a8" else []
+                    ort_qdq(pre, out / GRAPH, feeds, scheme, names if wide else names + nodes, wide)
+            act, weights = ("QUInt16" if scheme == "w8a16" else "QUInt8"), "QUInt8 per-channel"
         copy_companions(src, out, ("config.json", "dreamlite.json", "text_encoder"))
         base = session(src / GRAPH)
         quant = session(out / GRAPH)
         err = _relative_error(base, quant, held_out)
         manifest = {**fp32.meta["artifact"], "scheme": scheme, "model": model}
         manifest["inputs"], manifest["outputs"] = _io(quant)
-        manifest["calibration"] = {"generations": calib, "edits": calib if fp32.in_context else 0,
+        manifest["calibration"] = {"data": calib_data, "generations": calib if calib_data == "sampler" else 0,
+                                   "edits": calib if fp32.in_context and calib_data == "sampler" else 0,
                                    "denoiser_calls": len(feeds), "steps": steps or "model default", "seed": seed,
-                                   "activation_type": act.name, "weight_type": "QUInt8 per-channel",
-                                   "kept_float": names}
+                                   "backend": backend, "activation_type": act, "weight_type": weights,
+                                   "kept_float": [*keep_float, *(chosen if scheme == "w8a16" else [])],
+                                   "kept_16_bit": chosen if scheme == "w8a8" else []}
         manifest["check"] = {"relative_error_vs_fp32": err, "held_out_calls": len(held_out)}
+        if report is not None:
+            manifest["sensitivity"] = {**report, "fallback": chosen}
         write_device_kit(out, quant, held_out[0], manifest)
         manifest = seal(out, manifest)
     load_artifact(out)
     return manifest
+
+
+def prepare_graph(graph: Path, pre: Path) -> dict[str, str]:
+    """QNN preprocessing of the exported ``graph`` into ``pre`` (fusions, initializers untied); returns the module
+    of every node of ``pre`` (``node_modules``)."""
+    import onnx
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    with _quiet():
+        if not qnn_preprocess_model(str(graph), str(pre)):  # nothing to fuse: it writes nothing
+            shutil.copyfile(graph, pre)
+    untie_initializers(pre)
+    return node_modules(onnx.load(str(graph), load_external_data=False), onnx.load(str(pre), load_external_data=False))
+
+
+def ort_qdq(pre: Path, out: Path, feeds, scheme: str, float_nodes=(), wide_nodes=()) -> None:
+    """ONNX Runtime's QNN QDQ configuration applied to the prepared graph ``pre``, written to ``out``, calibrated on
+    ``feeds``. ``float_nodes`` stay float; the activations ``wide_nodes`` write are 16-bit (mixed precision in W8A8;
+    QNN converts between the two widths on the NPU)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
+    wide = set(wide_nodes)
+    overrides = {}
+    if wide:
+        model = onnx.load(str(pre), load_external_data=False)
+        consts = {i.name for i in model.graph.initializer}
+        overrides = {t: [{"quant_type": QuantType.QUInt16}] for n in model.graph.node if n.name in wide
+                     for t in n.output if t not in consts}
+    with _quiet():
+        cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
+                                 per_channel=True, init_overrides=overrides or None,
+                                 nodes_to_exclude=list(float_nodes) or None)
+        quantize(str(pre), str(out), cfg)
 
 
 def untie_initializers(path: Path) -> int:
@@ -172,18 +269,46 @@ def _quiet(logger: str | None = None):
         log.setLevel(level)
 
 
-def _matching_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
-    """Node names of the graph that contain any of ``patterns`` (module paths such as ``conv_out`` or
-    ``mid_block.attentions``): kept in float."""
-    if not patterns:
-        return []
-    import onnx
+def node_modules(original, graph) -> dict[str, str]:
+    """The U-Net module (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``; ``""`` for the U-Net's own ops)
+    of every node of ``graph``, a rewrite of the exported ``original`` (ONNX protos). The exporter records each node's
+    module in its ``name_scopes`` metadata; rewrites (QNN preprocessing inlines functions and drops metadata) keep the
+    tensor names, so a node takes the module of the tensors it writes, else that of the nodes that read its
+    outputs (the inner nodes of an inlined function)."""
+    tensor_module: dict[str, str] = {}
+    for node in original.graph.node:
+        scope = next((p.value for p in node.metadata_props if p.key == SCOPES), None)
+        if scope:
+            # a list literal (literal_eval runs no code): '', the module paths from the root, then the op itself
+            paths = [p for p in ast.literal_eval(scope) if p == "unet" or p.startswith("unet.")]
+            module = paths[-1][len("unet."):] if paths else ""
+            tensor_module.update(dict.fromkeys(node.output, module))
+    nodes = list(graph.graph.node)
+    out = {n.name: tensor_module[t] for n in nodes for t in n.output if t in tensor_module}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    for n in reversed(nodes):  # the inner nodes of an inlined function belong where the function's output does
+        if n.name not in out:
+            owner = next((out[c.name] for t in n.output for c in consumers.get(t, []) if c.name in out), None)
+            if owner is not None:
+                out[n.name] = owner
+    return out
 
-    nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
-    found = [n for n in nodes if any(p.replace(".", "/") in n or p in n for p in patterns)]
-    missing = [p for p in patterns if not any(p.replace(".", "/") in n or p in n for n in nodes)]
+
+def in_module(module: str, pattern: str) -> bool:
+    """``pattern`` names ``module`` or one of its parents (``mid_block.attentions`` covers ``mid_block.attentions.0``)."""
+    return module == pattern or module.startswith(pattern + ".")
+
+
+def _matching_nodes(modules: dict[str, str], patterns: tuple[str, ...]) -> list[str]:
+    """Nodes (of ``modules``, from ``node_modules``) inside any of the modules ``patterns`` (such as ``conv_out`` or
+    ``mid_block.attentions``): kept in float."""
+    found = [n for n, m in modules.items() if any(in_module(m, p) for p in patterns)]
+    missing = [p for p in patterns if not any(in_module(m, p) for m in modules.values())]
     if missing:
-        raise DreamliteError(f"--keep-float: no node of the graph matches {missing[0]!r}")
+        raise DreamliteError(f"--keep-float: no node of the graph belongs to module {missing[0]!r}")
     return found
 
 

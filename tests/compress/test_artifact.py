@@ -132,7 +132,7 @@ def test_shared_initializers_are_untied_before_quantization(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--calib", "0"], "--calib: 0 calibration samples"),
-    (["--keep-float", "no_such_module"], "--keep-float: no node of the graph matches 'no_such_module'"),
+    (["--keep-float", "no_such_module"], "--keep-float: no node of the graph belongs to module 'no_such_module'"),
 ])
 def test_bad_quantize_input_is_one_line(args, message, artifact, tmp_path):
     r = invoke("quantize", "--model", artifact, "--steps", 1, "--calib", 1, *args, "--out", tmp_path / "o")
@@ -140,30 +140,152 @@ def test_bad_quantize_input_is_one_line(args, message, artifact, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _feeds(artifact, n=2):
-    from dreamlite.compress.quantize.artifact import load_artifact, random_feed
-    manifest, sess = load_artifact(artifact)
-    return manifest, sess, [random_feed(manifest, seed) for seed in range(n)]
+def test_constant_quantization_folds_into_integer_weights(tmp_path):
+    """Weights quantized per channel by QuantizeLinear (+ Clip, as torch exports them) are stored as int8; the graph
+    computes exactly what it did before."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from dreamlite.compress.quantize.artifact import session
+    from dreamlite.compress.quantize.inc import fold_constant_quantization
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0.01, 0.02, 0.05], np.float32), "s"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "z"),
+             numpy_helper.from_array(np.array(-127, np.int8), "lo"), numpy_helper.from_array(np.array(127, np.int8), "hi")]
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"], axis=0),
+             helper.make_node("Clip", ["wq", "lo", "hi"], ["wc"]),
+             helper.make_node("DequantizeLinear", ["wc", "s", "z"], ["wd"], axis=0),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.save(model, tmp_path / "a.onnx")
+    assert fold_constant_quantization(model) == 1
+    onnx.save(model, tmp_path / "b.onnx")
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert {i.name: i.data_type for i in model.graph.initializer}["wc"] == TensorProto.INT8
+    assert "w" not in {i.name for i in model.graph.initializer}  # the float weights are gone
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    a, b = (session(tmp_path / f"{n}.onnx").run(None, {"x": x})[0] for n in "ab")
+    assert np.array_equal(a, b) and np.abs(a).max() > 0
 
 
-def test_a_torch_module_behind_the_session_interface_matches_onnx_runtime(artifact, tiny_folders):
-    from dreamlite.compress.quantize.export import UNetGraph
-    from dreamlite.compress.quantize.inc import TorchSession, _Input
-    from dreamlite.models.bundle import load_bundle
-    manifest, sess, feeds = _feeds(artifact)
-    unet = load_bundle(str(tiny_folders["shapes-mobile"])).unet.float().eval()
-    torch_sess = TorchSession(UNetGraph(unet, *manifest["image_size"]).eval(),
-                              [_Input(i["name"], i["shape"]) for i in manifest["inputs"]])
-    assert [i.shape[0] for i in torch_sess.get_inputs()][0] == sess.get_inputs()[0].shape[0]
-    for feed in feeds:
-        assert np.abs(torch_sess.run(None, feed)[0] - sess.run(None, feed)[0]).max() < 1e-4
-
-
-def test_neural_compressor_int8_stays_close_to_fp32(artifact):
+def test_neural_compressor_backend_writes_an_int8_qdq_artifact(artifact, tmp_path):
     pytest.importorskip("neural_compressor.torch")
-    from dreamlite.compress.quantize.inc import inc_int8_session
-    _, sess, feeds = _feeds(artifact, 3)
-    int8 = inc_int8_session(artifact, feeds)
-    ref, got = sess.run(None, feeds[0])[0], int8.run(None, feeds[0])[0]
-    assert got.shape == ref.shape and not np.array_equal(got, ref)  # quantized, so not bit-equal
-    assert ((got - ref) ** 2).mean() / (ref ** 2).mean() < 0.05
+    r = invoke("quantize", "--model", artifact, "--backend", "inc", "--scheme", "w8a8", "--calib", 1, "--steps", 2,
+               "--out", tmp_path / "inc")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "inc" / "manifest.json").read_text())
+    fp32 = json.loads((artifact / "manifest.json").read_text())
+    assert m["calibration"]["backend"] == "inc" and 0 < m["check"]["relative_error_vs_fp32"] < 0.2
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    def stored(path):  # bytes of initializers by element type
+        out = {}
+        for i in onnx.load(path).graph.initializer:
+            out[i.data_type] = out.get(i.data_type, 0) + numpy_helper.to_array(i).nbytes
+        return out
+    f, q = stored(artifact / "unet.onnx"), stored(tmp_path / "inc" / "unet.onnx")
+    assert q[TensorProto.INT8] > 0.2 * f[TensorProto.FLOAT] / 4 and q[TensorProto.FLOAT] < 0.5 * f[TensorProto.FLOAT]
+    assert fp32["scheme"] == "fp32" and m["scheme"] == "w8a8"
+
+
+def test_every_node_of_the_prepared_graph_knows_its_module(artifact, tmp_path):
+    """QNN preprocessing inlines functions and drops the exporter's metadata; modules still reach every node, so
+    --keep-float and the sensitivity scan can name U-Net modules."""
+    import onnx
+    from dreamlite.compress.quantize.qdq import _matching_nodes, prepare_graph
+    from dreamlite.compress.quantize.sensitivity import module_groups
+    modules = prepare_graph(artifact / "unet.onnx", tmp_path / "pre.onnx")
+    assert set(modules) == {n.name for n in onnx.load(tmp_path / "pre.onnx").graph.node}
+    groups = module_groups(modules)
+    assert {"conv_in", "time_embedding", "down_blocks.0", "mid_block.attentions", "up_blocks.2", "conv_out"} <= set(groups)
+    assert len(groups["up_blocks.0"]) > 100 and len(_matching_nodes(modules, ("conv_out",))) >= 1
+    assert set(_matching_nodes(modules, ("mid_block",))) == set(groups["mid_block.attentions"] + groups["mid_block.resnets"])
+
+
+def _three_module_graph(path):
+    """x -> a: MatMul by the identity -> b: Exp, Sqrt -> c: Relu. One input column is large, so the tensor inside
+    b spans (0, e^8]: a coarse grid there wipes out every small value, which makes b the sensitive module."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h1"], name="a_mm"),
+             helper.make_node("Exp", ["h1"], ["h2"], name="b_exp"),
+             helper.make_node("Sqrt", ["h2"], ["h3"], name="b_sqrt"),
+             helper.make_node("Relu", ["h3"], ["y"], name="c_relu")]
+    for node, module in zip(nodes, "abbc"):
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=str(["", "unet", f"unet.{module}", "op"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                              [numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(4)]
+    for f in feeds:
+        f["x"][:, 0] = 8.0
+    return feeds
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
+def test_the_sensitivity_scan_finds_the_module_that_needs_precision(scheme, tmp_path):
+    from dreamlite.compress.quantize import sensitivity
+    from dreamlite.compress.quantize.artifact import session
+    from dreamlite.compress.quantize.qdq import _relative_error, ort_qdq, prepare_graph
+    feeds = _three_module_graph(tmp_path / "m.onnx")
+    modules = prepare_graph(tmp_path / "m.onnx", tmp_path / "pre.onnx")
+    assert modules == {"a_mm": "a", "b_exp": "b", "b_sqrt": "b", "c_relu": "c"}
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", feeds, scheme)
+    base = session(tmp_path / "m.onnx")
+    report = sensitivity.scan(tmp_path / "q.onnx", tmp_path / "pre.onnx", modules, scheme, base, feeds)
+    assert report["modules"][0]["module"] == "b" and report["modules"][0]["gain"] > 0.5 * report["baseline"]
+    chosen, nodes = sensitivity.fallback(report, modules, 1)
+    assert chosen == ["b"] and nodes == ["b_exp", "b_sqrt"]
+    wide = nodes if scheme == "w8a8" else ()
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q2.onnx", feeds, scheme, () if wide else nodes, wide)
+    measured = _relative_error(base, session(tmp_path / "q2.onnx"), feeds)
+    assert measured < 0.5 * report["baseline"]
+
+
+def test_a_float_probe_of_every_module_is_the_float_graph(tmp_path):
+    import onnx
+    from dreamlite.compress.quantize.artifact import session
+    from dreamlite.compress.quantize.qdq import ort_qdq, prepare_graph
+    from dreamlite.compress.quantize.sensitivity import bypass
+    feeds = _three_module_graph(tmp_path / "m.onnx")
+    modules = prepare_graph(tmp_path / "m.onnx", tmp_path / "pre.onnx")
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", feeds, "w8a16")
+    model = onnx.load(tmp_path / "q.onnx")
+    floats = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "pre.onnx").graph.initializer}
+    assert bypass(model, list(modules), floats) > 0
+    # only the graph input stays quantized (16-bit): every module computes in float, on its float weights
+    assert {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"} == {"x"}
+    assert all(n.op_type == "QuantizeLinear" or n.input[0] != "w_quantized" for n in model.graph.node)
+    onnx.save(model, tmp_path / "f.onnx")
+    ref, got = session(tmp_path / "m.onnx").run(None, feeds[0])[0], session(tmp_path / "f.onnx").run(None, feeds[0])[0]
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_inc_backend_refuses_schemes_it_does_not_run(artifact, tmp_path):
+    r = invoke("quantize", "--model", artifact, "--backend", "inc", "--scheme", "w8a16", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--backend inc: neural-compressor's static INT8 is W8A8" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_random_calibration_at_batch_one_for_a_model_that_cannot_sample(tiny_folders, tmp_path):
+    """A U-Net without its text encoder (as a preset with random weights) exports at batch 1 (guidance-distilled)
+    and quantizes on Gaussian feeds whose timesteps cover the schedule; the sampler is refused in one line."""
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_folders["shapes-mobile"], bare)
+    shutil.rmtree(bare / "text_encoder")
+    r = invoke("quantize", "--model", bare, "--batch", 1, "--calib", 1, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "has no text encoder" in r.output and "--calib-data random" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+    r = invoke("quantize", "--model", bare, "--batch", 1, "--calib", 3, "--calib-data", "random",
+               "--out", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert m["batch"] == 1 and m["inputs"][0]["shape"][0] == 1
+    assert m["calibration"]["data"] == "random" and m["calibration"]["denoiser_calls"] == 3
+    assert m["check"]["relative_error_vs_fp32"] < 0.05
