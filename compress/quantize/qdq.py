@@ -156,7 +156,9 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
             pre = Path(tmp) / "pre.onnx"
             modules = prepare_graph(src / GRAPH, pre)
             names = _matching_nodes(modules, keep_float) if keep_float else []
-            ort_qdq(pre, out / GRAPH, feeds, scheme, names)
+            cache = Path(tmp) / "ranges.json"
+            say(f"calibration: activation ranges over {len(feeds)} calls, {calibrate(pre, feeds, cache)} pass(es)")
+            ort_qdq(pre, out / GRAPH, cache, scheme, names)
             chosen = []
             if sensitivity or fallback:
                 from . import sensitivity as sens
@@ -166,7 +168,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
                 if chosen:
                     say(f"fallback: {', '.join(chosen)} at {report['higher_precision']}; quantizing again")
                     wide = nodes if scheme == "w8a8" else []
-                    ort_qdq(pre, out / GRAPH, feeds, scheme, names if wide else names + nodes, wide)
+                    ort_qdq(pre, out / GRAPH, cache, scheme, names if wide else names + nodes, wide)
             act, weights = ("QUInt16" if scheme == "w8a16" else "QUInt8"), "QUInt8 per-channel"
         copy_companions(src, out, ("config.json", "dreamlite.json", "text_encoder"))
         base = session(src / GRAPH)
@@ -202,12 +204,71 @@ def prepare_graph(graph: Path, pre: Path) -> dict[str, str]:
     return node_modules(onnx.load(str(graph), load_external_data=False), onnx.load(str(pre), load_external_data=False))
 
 
-def ort_qdq(pre: Path, out: Path, feeds, scheme: str, float_nodes=(), wide_nodes=()) -> None:
-    """ONNX Runtime's QNN QDQ configuration applied to the prepared graph ``pre``, written to ``out``, calibrated on
-    ``feeds``. ``float_nodes`` stay float; the activations ``wide_nodes`` write are 16-bit (mixed precision in W8A8;
-    QNN converts between the two widths on the NPU)."""
+def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget: int = 4 << 30) -> int:
+    """MinMax range of every float activation of the prepared graph ``pre`` over ``feeds``, written as ONNX
+    Runtime's calibration cache (``quantize_static(calibration_cache_path=...)``); returns the number of sessions.
+
+    ONNX Runtime's own calibrator keeps every activation of a call alive at once (measured: 2 GB for DreamLite-0.39B at
+    256 px, so about 30 GB at 1024 px, which this machine cannot hold). Here the tensors are exposed as outputs in
+    chunks of at most ``budget`` bytes per call, one session per chunk, the weights written once beside them."""
+    import math
+
     import onnx
-    from onnxruntime.quantization import QuantType, quantize
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+
+    work = Path(tempfile.mkdtemp(dir=cache.parent))
+    try:
+        onnx.shape_inference.infer_shapes_path(str(pre), str(work / "typed.onnx"))
+        model = onnx.load(str(work / "typed.onnx"))
+        onnx.save_model(model, str(work / "graph.onnx"), save_as_external_data=True, location="weights.bin")
+        (work / "typed.onnx").unlink()
+        model = onnx.load(str(work / "graph.onnx"), load_external_data=False)
+        graph = model.graph
+        info = {v.name: v for v in [*graph.value_info, *graph.output]}
+        skip = {i.name for i in graph.initializer} | {o.name for o in graph.output} | {i.name for i in graph.input}
+        floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+        names = sorted({t for n in graph.node for t in [*n.input, *n.output] if t in info and t not in skip
+                        and info[t].type.tensor_type.elem_type in floats})
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for t in names:
+            n = 4 * math.prod(max(d.dim_value, 1) for d in info[t].type.tensor_type.shape.dim)
+            if chunks[-1] and size + n > budget:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(t)
+            size += n
+        ranges = {i.name: [min(float(f[i.name].min()) for f in feeds), max(float(f[i.name].max()) for f in feeds)]
+                  for i in graph.input if i.name in feeds[0]}  # graph inputs and outputs: from the feeds and runs
+        outputs = list(graph.output)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as the graph has them
+        for chunk in chunks:
+            del graph.output[:]
+            graph.output.extend(outputs + [info[t] for t in chunk])
+            onnx.save_model(model, str(work / "chunk.onnx"))
+            sess = ort.InferenceSession(str(work / "chunk.onnx"), opts, providers=["CPUExecutionProvider"])
+            out_names = [o.name for o in sess.get_outputs()]
+            for feed in feeds:
+                for name, value in zip(out_names, sess.run(None, feed)):
+                    lo, hi = ranges.get(name, (math.inf, -math.inf))
+                    ranges[name] = [min(lo, float(value.min())), max(hi, float(value.max()))]
+            del sess
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+            k: (np.array([lo], np.float32), np.array([hi], np.float32)) for k, (lo, hi) in ranges.items()}), cache)
+        return len(chunks)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ort_qdq(pre: Path, out: Path, cache: Path, scheme: str, float_nodes=(), wide_nodes=()) -> None:
+    """ONNX Runtime's QNN QDQ configuration applied to the prepared graph ``pre``, written to ``out``, with the
+    activation ranges of the calibration cache ``cache`` (``calibrate``). ``float_nodes`` stay float; the activations
+    ``wide_nodes`` write are 16-bit (mixed precision in W8A8; QNN converts between the two widths on the NPU)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     act = QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8
@@ -219,10 +280,15 @@ def ort_qdq(pre: Path, out: Path, feeds, scheme: str, float_nodes=(), wide_nodes
         overrides = {t: [{"quant_type": QuantType.QUInt16}] for n in model.graph.node if n.name in wide
                      for t in n.output if t not in consts}
     with _quiet():
-        cfg = get_qnn_qdq_config(str(pre), _Reader(feeds), activation_type=act, weight_type=QuantType.QUInt8,
+        cfg = get_qnn_qdq_config(str(pre), _Reader([]), activation_type=act, weight_type=QuantType.QUInt8,
                                  per_channel=True, init_overrides=overrides or None,
                                  nodes_to_exclude=list(float_nodes) or None)
-        quantize(str(pre), str(out), cfg)
+        quantize_static(str(pre), str(out), None, calibrate_method=cfg.calibrate_method,
+                        quant_format=cfg.quant_format, activation_type=cfg.activation_type,
+                        weight_type=cfg.weight_type, op_types_to_quantize=cfg.op_types_to_quantize,
+                        nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
+                        use_external_data_format=cfg.use_external_data_format, extra_options=cfg.extra_options,
+                        calibration_cache_path=cache)
 
 
 def untie_initializers(path: Path) -> int:

@@ -227,22 +227,41 @@ def _three_module_graph(path):
     return feeds
 
 
+def test_chunked_calibration_gives_onnx_runtimes_own_ranges(tmp_path):
+    """One tensor per session (a budget of 1 byte) and ONNX Runtime's calibrator quantize to the same graph."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    from dreamlite.compress.quantize.qdq import _Reader, calibrate, ort_qdq, prepare_graph
+    feeds = _three_module_graph(tmp_path / "m.onnx")
+    prepare_graph(tmp_path / "m.onnx", tmp_path / "pre.onnx")
+    assert calibrate(tmp_path / "pre.onnx", feeds, tmp_path / "ranges.json", budget=1) == 3  # h1, h2, h3 apart
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "ours.onnx", tmp_path / "ranges.json", "w8a16")
+    cfg = get_qnn_qdq_config(str(tmp_path / "pre.onnx"), _Reader(feeds), activation_type=QuantType.QUInt16,
+                             weight_type=QuantType.QUInt8, per_channel=True)
+    quantize(str(tmp_path / "pre.onnx"), str(tmp_path / "theirs.onnx"), cfg)
+    ours, theirs = (onnx.load(tmp_path / f"{n}.onnx").graph for n in ("ours", "theirs"))
+    assert [n.op_type for n in ours.node] == [n.op_type for n in theirs.node]
+    assert {i.name: i.raw_data for i in ours.initializer} == {i.name: i.raw_data for i in theirs.initializer}
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
 def test_the_sensitivity_scan_finds_the_module_that_needs_precision(scheme, tmp_path):
     from dreamlite.compress.quantize import sensitivity
     from dreamlite.compress.quantize.artifact import session
-    from dreamlite.compress.quantize.qdq import _relative_error, ort_qdq, prepare_graph
+    from dreamlite.compress.quantize.qdq import _relative_error, calibrate, ort_qdq, prepare_graph
     feeds = _three_module_graph(tmp_path / "m.onnx")
     modules = prepare_graph(tmp_path / "m.onnx", tmp_path / "pre.onnx")
     assert modules == {"a_mm": "a", "b_exp": "b", "b_sqrt": "b", "c_relu": "c"}
-    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", feeds, scheme)
+    calibrate(tmp_path / "pre.onnx", feeds, tmp_path / "ranges.json")
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", tmp_path / "ranges.json", scheme)
     base = session(tmp_path / "m.onnx")
     report = sensitivity.scan(tmp_path / "q.onnx", tmp_path / "pre.onnx", modules, scheme, base, feeds)
     assert report["modules"][0]["module"] == "b" and report["modules"][0]["gain"] > 0.5 * report["baseline"]
     chosen, nodes = sensitivity.fallback(report, modules, 1)
     assert chosen == ["b"] and nodes == ["b_exp", "b_sqrt"]
     wide = nodes if scheme == "w8a8" else ()
-    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q2.onnx", feeds, scheme, () if wide else nodes, wide)
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q2.onnx", tmp_path / "ranges.json", scheme, () if wide else nodes, wide)
     measured = _relative_error(base, session(tmp_path / "q2.onnx"), feeds)
     assert measured < 0.5 * report["baseline"]
 
@@ -250,11 +269,12 @@ def test_the_sensitivity_scan_finds_the_module_that_needs_precision(scheme, tmp_
 def test_a_float_probe_of_every_module_is_the_float_graph(tmp_path):
     import onnx
     from dreamlite.compress.quantize.artifact import session
-    from dreamlite.compress.quantize.qdq import ort_qdq, prepare_graph
+    from dreamlite.compress.quantize.qdq import calibrate, ort_qdq, prepare_graph
     from dreamlite.compress.quantize.sensitivity import bypass
     feeds = _three_module_graph(tmp_path / "m.onnx")
     modules = prepare_graph(tmp_path / "m.onnx", tmp_path / "pre.onnx")
-    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", feeds, "w8a16")
+    calibrate(tmp_path / "pre.onnx", feeds, tmp_path / "ranges.json")
+    ort_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", tmp_path / "ranges.json", "w8a16")
     model = onnx.load(tmp_path / "q.onnx")
     floats = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "pre.onnx").graph.initializer}
     assert bypass(model, list(modules), floats) > 0
