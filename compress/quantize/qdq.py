@@ -220,7 +220,7 @@ def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget
 
     work = Path(tempfile.mkdtemp(dir=cache.parent))
     try:
-        onnx.shape_inference.infer_shapes_path(str(pre), str(work / "typed.onnx"))
+        onnx.shape_inference.infer_shapes_path(str(pre), str(work / "typed.onnx"), data_prop=True)
         model = onnx.load(str(work / "typed.onnx"))
         onnx.save_model(model, str(work / "graph.onnx"), save_as_external_data=True, location="weights.bin")
         (work / "typed.onnx").unlink()
@@ -231,10 +231,18 @@ def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget
         floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
         names = sorted({t for n in graph.node for t in [*n.input, *n.output] if t in info and t not in skip
                         and info[t].type.tensor_type.elem_type in floats})
+        sizes = {}  # bytes per tensor: static shapes, else (inlined GroupNorm's [N, G, -1]) its largest input
+        for v in [*graph.input, *info.values()]:
+            dims = v.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                sizes[v.name] = 4 * math.prod(d.dim_value for d in dims)
+        for node in graph.node:
+            for t in node.output:
+                sizes.setdefault(t, max((sizes.get(i, 0) for i in node.input), default=0))
         chunks: list[list[str]] = [[]]
         size = 0
         for t in names:
-            n = 4 * math.prod(max(d.dim_value, 1) for d in info[t].type.tensor_type.shape.dim)
+            n = sizes[t]
             if chunks[-1] and size + n > budget:
                 chunks.append([])
                 size = 0
