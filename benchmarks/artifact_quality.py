@@ -3,7 +3,7 @@ fp32 ONNX, W8A16 and W8A8 QDQ ONNX, and neural-compressor's INT8 (calibrated in 
 side by side on the same benchmarks, seeds and sampler settings.
 
     python benchmarks/artifact_quality.py --model runs/full/02-recover/model [--n-per-tag 20] [--n-per-type 10]
-                                          [--calib 8] [--no-inc] [--json out.json]
+                                          [--calib 8] [--fallback 2] [--no-inc] [--json out.json]
 
 Every quantized variant is calibrated on the same sampler-recorded denoiser calls (generations and edits at the
 model's default steps and guidance; prompts from a seed the benchmarks do not use). The fp32 artifact is exported in
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--n-per-type", type=int, default=10)
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--fallback", type=int, default=2, help="modules at 16 bits in the mixed-precision W8A8 row")
     ap.add_argument("--no-inc", action="store_true", help="skip neural-compressor (not installed)")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -42,12 +43,13 @@ def main():
         fp32 = tmp / "fp32"
         export_artifact(torch_model, fp32, mode="edit")
         variants = {"fp32 torch": (lambda: torch_model), "fp32 ONNX": (lambda: load_bundle(str(fp32)))}
-        quantized = [("W8A16 QDQ ONNX", "w8a16", "ort"), ("W8A8 QDQ ONNX", "w8a8", "ort")]
+        quantized = [("W8A16 QDQ ONNX", "w8a16", "ort", 0), ("W8A8 QDQ ONNX", "w8a8", "ort", 0),
+                     (f"W8A8 QDQ ONNX, {a.fallback} modules at 16 bits", "w8a8", "ort", a.fallback)]
         if not a.no_inc:
-            quantized.append(("INC INT8 (PT2E -> QDQ ONNX)", "w8a8", "inc"))
-        for name, scheme, backend in quantized:
-            def qdq(scheme=scheme, backend=backend, out=tmp / f"{scheme}-{backend}"):
-                quantize_artifact(str(fp32), out, scheme, calib=a.calib, seed=0, backend=backend)
+            quantized.append(("INC INT8 (PT2E -> QDQ ONNX)", "w8a8", "inc", 0))
+        for name, scheme, backend, fallback in quantized:
+            def qdq(scheme=scheme, backend=backend, fallback=fallback, out=tmp / name.replace(" ", "_")):
+                quantize_artifact(str(fp32), out, scheme, calib=a.calib, seed=0, backend=backend, fallback=fallback)
                 return load_bundle(str(out))
             variants[name] = qdq
         for name, make in variants.items():

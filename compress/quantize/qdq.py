@@ -102,19 +102,7 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
     from dreamlite.models.bundle import load_bundle
 
     say = say or (lambda _m: None)
-    if scheme not in SCHEMES:
-        raise DreamliteError(f"--scheme: {scheme!r} is not a scheme QNN runs here (one of {', '.join(SCHEMES)})")
-    if calib < 1:
-        raise DreamliteError(f"--calib: {calib} calibration samples; at least 1 is needed")
-    if backend not in BACKENDS:
-        raise DreamliteError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "inc" and (scheme != "w8a8" or keep_float or sensitivity or fallback):
-        raise DreamliteError("--backend inc: neural-compressor's static INT8 is W8A8 with every op quantized; "
-                             "pass --scheme w8a8 and no --keep-float, --sensitivity or --fallback")
-    if fallback < 0:
-        raise DreamliteError(f"--fallback: {fallback} modules; give 0 or more")
-    if calib_data not in CALIB_DATA:
-        raise DreamliteError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIB_DATA)}")
+    _check_options(scheme, calib, backend, calib_data, keep_float, sensitivity, fallback)
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         src, torch_model = Path(model), None
@@ -131,19 +119,13 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
             import onnx
             graph = onnx.load(str(src / GRAPH), load_external_data=False)
             _matching_nodes(node_modules(graph, graph), keep_float)
-        if calib_data == "random":
-            say(f"calibration: {calib} Gaussian feeds, timesteps across the schedule")
-            feeds = random_feeds(fp32.meta["artifact"], calib, seed)
-        elif fp32.text is None:
-            raise DreamliteError(f"--calib-data: {model} has no text encoder, so the sampler cannot run for "
-                                 "calibration; pass --calib-data random")
-        else:
-            say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
-            feeds = calibration_feeds(fp32, calib, seed, steps)
-        held_out = feeds[1::7] or feeds[:1]
-        report = None
+        feeds = _feeds(fp32, model, calib, calib_data, seed, steps, say)
+        held = set(range(1, len(feeds), 7)) if len(feeds) > 1 else set()  # every 7th call checks, never calibrates
+        held_out = [f for k, f in enumerate(feeds) if k in held] or feeds[:1]
+        feeds = [f for k, f in enumerate(feeds) if k not in held]
         say(f"quantize: {scheme} ({backend}), {len(feeds)} recorded denoiser calls")
         out.mkdir(parents=True, exist_ok=True)
+        report, chosen = None, []
         if backend == "inc":
             from .inc import export_inc_onnx, inc_int8_module
 
@@ -151,29 +133,13 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
             module = inc_int8_module(torch_model, fp32.meta["artifact"]["image_size"], feeds)
             export_inc_onnx(module, feeds[0], input_names(torch_model.unet), out / GRAPH)
             act, weights = "INT8 per-tensor (neural-compressor)", "INT8 per-channel (neural-compressor)"
-            chosen = []
         else:
-            pre = Path(tmp) / "pre.onnx"
-            modules = prepare_graph(src / GRAPH, pre)
-            names = _matching_nodes(modules, keep_float) if keep_float else []
-            cache = Path(tmp) / "ranges.json"
-            say(f"calibration: activation ranges over {len(feeds)} calls, {calibrate(pre, feeds, cache)} pass(es)")
-            ort_qdq(pre, out / GRAPH, cache, scheme, names)
-            chosen = []
-            if sensitivity or fallback:
-                from . import sensitivity as sens
-
-                report = sens.scan(out / GRAPH, pre, modules, scheme, session(src / GRAPH), held_out, say=say)
-                chosen, nodes = sens.fallback(report, modules, fallback)
-                if chosen:
-                    say(f"fallback: {', '.join(chosen)} at {report['higher_precision']}; quantizing again")
-                    wide = nodes if scheme == "w8a8" else []
-                    ort_qdq(pre, out / GRAPH, cache, scheme, names if wide else names + nodes, wide)
+            report, chosen = _ort_artifact(src / GRAPH, Path(tmp), out / GRAPH, feeds, held_out, scheme, keep_float,
+                                           sensitivity, fallback, say)
             act, weights = ("QUInt16" if scheme == "w8a16" else "QUInt8"), "QUInt8 per-channel"
         copy_companions(src, out, ("config.json", "dreamlite.json", "text_encoder"))
-        base = session(src / GRAPH)
         quant = session(out / GRAPH)
-        err = _relative_error(base, quant, held_out)
+        err = _relative_error(session(src / GRAPH), quant, held_out)
         manifest = {**fp32.meta["artifact"], "scheme": scheme, "model": model}
         manifest["inputs"], manifest["outputs"] = _io(quant)
         manifest["calibration"] = {"data": calib_data, "generations": calib if calib_data == "sampler" else 0,
@@ -191,6 +157,56 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
     return manifest
 
 
+def _check_options(scheme, calib, backend, calib_data, keep_float, sensitivity, fallback) -> None:
+    if scheme not in SCHEMES:
+        raise DreamliteError(f"--scheme: {scheme!r} is not a scheme QNN runs here (one of {', '.join(SCHEMES)})")
+    if calib < 1:
+        raise DreamliteError(f"--calib: {calib} calibration samples; at least 1 is needed")
+    if backend not in BACKENDS:
+        raise DreamliteError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "inc" and (scheme != "w8a8" or keep_float or sensitivity or fallback):
+        raise DreamliteError("--backend inc: neural-compressor's static INT8 is W8A8 with every op quantized; "
+                             "pass --scheme w8a8 and no --keep-float, --sensitivity or --fallback")
+    if fallback < 0:
+        raise DreamliteError(f"--fallback: {fallback} modules; give 0 or more")
+    if calib_data not in CALIB_DATA:
+        raise DreamliteError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIB_DATA)}")
+
+
+def _feeds(fp32, model: str, calib: int, calib_data: str, seed: int, steps: int | None, say) -> list[dict]:
+    """The calibration feeds of the fp32 artifact bundle ``fp32``: the sampler's calls, or Gaussian feeds."""
+    if calib_data == "random":
+        say(f"calibration: {calib} Gaussian feeds, timesteps across the schedule")
+        return random_feeds(fp32.meta["artifact"], calib, seed)
+    if fp32.text is None:
+        raise DreamliteError(f"--calib-data: {model} has no text encoder, so the sampler cannot run for "
+                             "calibration; pass --calib-data random")
+    say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
+    return calibration_feeds(fp32, calib, seed, steps)
+
+
+def _ort_artifact(graph: Path, tmp: Path, out: Path, feeds, held_out, scheme: str, keep_float, sensitivity: bool,
+                  fallback: int, say) -> tuple[dict | None, list[str]]:
+    """ONNX Runtime's QDQ graph of ``graph`` at ``out``; with ``sensitivity`` or ``fallback``, the module scan and
+    the modules that fell back. Returns (scan report or None, fallen-back modules)."""
+    pre, cache = tmp / "pre.onnx", tmp / "ranges.json"
+    modules = prepare_graph(graph, pre)
+    names = _matching_nodes(modules, keep_float) if keep_float else []
+    say(f"calibration: activation ranges over {len(feeds)} calls, {calibrate(pre, feeds, cache)} pass(es)")
+    ort_qdq(pre, out, cache, scheme, names)
+    if not (sensitivity or fallback):
+        return None, []
+    from . import sensitivity as sens
+
+    report = sens.scan(out, pre, modules, scheme, session(graph), held_out, say=say)
+    chosen, nodes = sens.fallback(report, modules, fallback)
+    if chosen:
+        say(f"fallback: {', '.join(chosen)} at {report['higher_precision']}; quantizing again")
+        wide = nodes if scheme == "w8a8" else []
+        ort_qdq(pre, out, cache, scheme, names if wide else names + nodes, wide)
+    return report, chosen
+
+
 def prepare_graph(graph: Path, pre: Path) -> dict[str, str]:
     """QNN preprocessing of the exported ``graph`` into ``pre`` (fusions, initializers untied); returns the module
     of every node of ``pre`` (``node_modules``)."""
@@ -204,7 +220,7 @@ def prepare_graph(graph: Path, pre: Path) -> dict[str, str]:
     return node_modules(onnx.load(str(graph), load_external_data=False), onnx.load(str(pre), load_external_data=False))
 
 
-def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget: int = 4 << 30) -> int:
+def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget: int = 2 << 30) -> int:
     """MinMax range of every float activation of the prepared graph ``pre`` over ``feeds``, written as ONNX
     Runtime's calibration cache (``quantize_static(calibration_cache_path=...)``); returns the number of sessions.
 

@@ -50,6 +50,7 @@ class ExportStage(ModelInput):
     kind: Literal["export"]
     size: int | None = Field(None, ge=8, description="image size in pixels (default: the model's)")
     mode: Literal["generate", "edit"] = "generate"
+    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode)")
 
 
 @stage(ExportStage)
@@ -57,7 +58,7 @@ def run_export(cfg: ExportStage, ctx: StageContext) -> dict:
     from dreamlite.compress.quantize.artifact import export_artifact
     from dreamlite.models.bundle import load_bundle
 
-    m = export_artifact(load_bundle(cfg.source(ctx)), ctx.dir / "artifact", cfg.size, cfg.mode)
+    m = export_artifact(load_bundle(cfg.source(ctx)), ctx.dir / "artifact", cfg.size, cfg.mode, cfg.batch)
     return {"scheme": m["scheme"], "bytes": m["bytes"], "parameters": m["parameters"], **m["check"]}
 
 
@@ -66,8 +67,13 @@ class QuantizeStage(ModelInput):
     scheme: Literal["w8a16", "w8a8"] = "w8a16"
     calib: int = Field(8, ge=1, description="generations (and edits, for in-context models) run for calibration")
     steps: int | None = Field(None, ge=1)
-    keep_float: list[str] = Field(default_factory=list)
+    keep_float: list[str] = Field(default_factory=list, description="modules kept in float (e.g. conv_out)")
     mode: Literal["generate", "edit"] = "generate"
+    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode)")
+    calib_data: Literal["sampler", "random"] = "sampler"
+    backend: Literal["ort", "inc"] = "ort"
+    sensitivity: bool = Field(False, description="record each module's share of the error in the manifest")
+    fallback: int = Field(0, ge=0, description="modules kept at higher precision, the most sensitive first")
 
 
 @stage(QuantizeStage)
@@ -75,5 +81,7 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> dict:
     from dreamlite.compress.quantize.qdq import quantize_artifact
 
     m = quantize_artifact(cfg.source(ctx), ctx.dir / "artifact", cfg.scheme, cfg.calib, cfg.steps,
-                          tuple(cfg.keep_float), ctx.seed, mode=cfg.mode, say=ctx.log)
-    return {"scheme": m["scheme"], "bytes": m["bytes"], **m["check"]}
+                          tuple(cfg.keep_float), ctx.seed, mode=cfg.mode, batch=cfg.batch, calib_data=cfg.calib_data,
+                          backend=cfg.backend, sensitivity=cfg.sensitivity, fallback=cfg.fallback, say=ctx.log)
+    return {"scheme": m["scheme"], "bytes": m["bytes"], **m["check"],
+            **({"fallback": m["sensitivity"]["fallback"]} if "sensitivity" in m else {})}

@@ -80,8 +80,10 @@ def w8a16(artifact, tmp_path_factory):
 def test_w8a16_is_calibrated_on_the_samplers_calls_and_stays_close(w8a16, tmp_path):
     m = json.loads((w8a16 / "manifest.json").read_text())
     assert m["scheme"] == "w8a16" and m["calibration"]["activation_type"] == "QUInt16"
-    # one generation and one edit, 2 steps, 2 and 3 guidance branches through a batch-3 graph: 4 calls
-    assert m["calibration"]["denoiser_calls"] == 4 and m["calibration"]["edits"] == 1
+    # one generation and one edit, 2 steps, 2 and 3 guidance branches through a batch-3 graph: 4 calls, of which
+    # one checks the result and the other 3 calibrate
+    assert m["calibration"]["denoiser_calls"] == 3 and m["check"]["held_out_calls"] == 1
+    assert m["calibration"]["edits"] == 1
     assert m["check"]["relative_error_vs_fp32"] < 0.05
     r = invoke("sample", "--model", w8a16, "--prompt", "a red circle", "--steps", 2, "--out", tmp_path / "q.png")
     assert r.exit_code == 0, r.output
@@ -307,5 +309,5 @@ def test_random_calibration_at_batch_one_for_a_model_that_cannot_sample(tiny_fol
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert m["batch"] == 1 and m["inputs"][0]["shape"][0] == 1
-    assert m["calibration"]["data"] == "random" and m["calibration"]["denoiser_calls"] == 3
-    assert m["check"]["relative_error_vs_fp32"] < 0.05
+    assert m["calibration"]["data"] == "random" and m["calibration"]["denoiser_calls"] == 2
+    assert m["check"]["relative_error_vs_fp32"] < 0.15  # on a Gaussian feed neither calibration feed saw
