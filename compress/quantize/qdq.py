@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import logging
 import shutil
 import tempfile
@@ -247,14 +248,7 @@ def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget
         floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
         names = sorted({t for n in graph.node for t in [*n.input, *n.output] if t in info and t not in skip
                         and info[t].type.tensor_type.elem_type in floats})
-        sizes = {}  # bytes per tensor: static shapes, else (inlined GroupNorm's [N, G, -1]) its largest input
-        for v in [*graph.input, *info.values()]:
-            dims = v.type.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
-                sizes[v.name] = 4 * math.prod(d.dim_value for d in dims)
-        for node in graph.node:
-            for t in node.output:
-                sizes.setdefault(t, max((sizes.get(i, 0) for i in node.input), default=0))
+        sizes = _tensor_bytes(graph, info)
         chunks: list[list[str]] = [[]]
         size = 0
         for t in names:
@@ -266,7 +260,7 @@ def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget
             size += n
         ranges = {i.name: [min(float(f[i.name].min()) for f in feeds), max(float(f[i.name].max()) for f in feeds)]
                   for i in graph.input if i.name in feeds[0]}  # graph inputs and outputs: from the feeds and runs
-        outputs = list(graph.output)
+        outputs = [copy.deepcopy(o) for o in graph.output]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as the graph has them
         for chunk in chunks:
@@ -285,6 +279,22 @@ def calibrate(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path, budget
         return len(chunks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tensor_bytes(graph, info: dict) -> dict[str, int]:
+    """fp32 bytes of each tensor of ``graph``: from its static shape (``info``: value infos by name), else (inlined
+    GroupNorm's reshapes to [N, G, -1]) that of its producer's largest input."""
+    import math
+
+    sizes = {}
+    for v in [*graph.input, *info.values()]:
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            sizes[v.name] = 4 * math.prod(d.dim_value for d in dims)
+    for node in graph.node:
+        for t in node.output:
+            sizes.setdefault(t, max((sizes.get(i, 0) for i in node.input), default=0))
+    return sizes
 
 
 def ort_qdq(pre: Path, out: Path, cache: Path, scheme: str, float_nodes=(), wide_nodes=()) -> None:
