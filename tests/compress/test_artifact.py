@@ -247,8 +247,10 @@ def test_chunked_calibration_gives_onnx_runtimes_own_ranges(tmp_path):
     assert {i.name: i.raw_data for i in ours.initializer} == {i.name: i.raw_data for i in theirs.initializer}
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
-def test_the_sensitivity_scan_finds_the_module_that_needs_precision(scheme, tmp_path):
+def test_the_sensitivity_scan_finds_the_module_that_needs_precision(tmp_path):
+    """W8A8: the module whose activations need 16 bits is found, and falling it back removes most of the error.
+    (Under W8A16 this graph has no clear culprit; the float probe is tested below.)"""
+    scheme = "w8a8"
     from dreamlite.compress.quantize import sensitivity
     from dreamlite.compress.quantize.artifact import session
     from dreamlite.compress.quantize.qdq import _relative_error, calibrate, ort_qdq, prepare_graph
