@@ -427,10 +427,13 @@ def quantize(model, scheme, out, calib, steps, keep_float, size, mode, seed, bat
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--no-compare", is_flag=True, help="Skip the output comparison with the CPU provider.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def qnn_check_cmd(artifact, no_compare, json_path):
+@click.option("--timeout", type=click.IntRange(1), default=1800, show_default=True,
+              help="Seconds each QNN step (session build, comparison) may take; the HTP simulator compiles large "
+                   "graphs slowly (DreamLite-0.39B at 1024 px: over 30 minutes on 2 cores).")
+def qnn_check_cmd(artifact, no_compare, json_path, timeout):
     """Build the artifact on the QNN HTP backend with CPU fallback disabled; exit 1 unless every node runs on QNN."""
     from dreamlite.compress.quantize.qnn import qnn_check
-    r = qnn_check(artifact, compare=not no_compare)
+    r = qnn_check(artifact, compare=not no_compare, timeout=timeout)
     if json_path:
         write_json(json_path, r)
     console.print(f"{r['scheme']}: {r['on_qnn']}/{r['nodes']} nodes on QNN HTP ({100 * r['coverage']:.1f}%)"

@@ -89,13 +89,13 @@ def _in_child(what: str, folder: Path, seed: int = 0, timeout: int = 1800) -> di
     return {"crashed": f"exit {proc.returncode}" + (f": {tail}" if tail else "")}
 
 
-def qnn_check(folder, compare: bool = True, seed: int = 0) -> dict:
+def qnn_check(folder, compare: bool = True, seed: int = 0, timeout: int = 1800) -> dict:
     """{"passed", "nodes", "on_qnn", "coverage", "not_on_qnn" (op type -> count), "error",
     "relative_diff_vs_cpu" (or "compare_error")}."""
     folder = Path(folder)
     manifest = verify(folder)
     _qnn()
-    placed = _in_child("place", folder)
+    placed = _in_child("place", folder, timeout=timeout)
     if "crashed" in placed:
         placed = {"error": f"building the QNN session crashed ({placed['crashed']})", "placement": {}}
     placement = {ep: Counter(ops) for ep, ops in placed["placement"].items()}
@@ -110,7 +110,7 @@ def qnn_check(folder, compare: bool = True, seed: int = 0) -> dict:
               on_qnn == total, "nodes": total, "on_qnn": on_qnn, "coverage": round(on_qnn / max(total, 1), 4),
               "not_on_qnn": dict(others), "error": error}
     if compare and report["passed"]:
-        result = _in_child("compare", folder, seed)
+        result = _in_child("compare", folder, seed, timeout)
         if "crashed" in result:
             report["compare_error"] = f"the HTP simulator failed running the graph ({result['crashed']})"
         else:
