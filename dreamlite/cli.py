@@ -401,8 +401,8 @@ def export(model, out, size, mode, batch):
               help="ort: ONNX Runtime's QNN QDQ configuration; inc: Intel Neural Compressor's static INT8 in torch "
                    "(W8A8), exported to QDQ ONNX (needs the [inc] extra).")
 @click.option("--sensitivity", is_flag=True,
-              help="Measure how much error each U-Net module contributes (one quantization per module) into the "
-                   "manifest.")
+              help="Measure how much error each U-Net module carries (each probed alone at higher precision) into "
+                   "the manifest.")
 @click.option("--fallback", type=click.IntRange(0), default=0, show_default=True,
               help="Keep the N most sensitive modules at higher precision: 16-bit activations under W8A8, float "
                    "under W8A16 (implies --sensitivity).")

@@ -2,9 +2,11 @@
 
 Calibration runs the project's own sampler (the steps and guidance the model's defaults give) on the fp32 artifact
 and records every denoiser call: text-to-image prompts, and for in-context models instruction edits too, at every
-step, all guidance branches. ONNX Runtime's QNN configuration (``get_qnn_qdq_config``) then places QDQ pairs as QNN
-wants: 16-bit (W8A16, Qualcomm's choice for Stable Diffusion) or 8-bit (W8A8) activations, 8-bit per-channel conv
-weights where QNN allows.
+step, all guidance branches; every 7th call is held out to measure the artifact. ``calibrate`` takes the activation
+ranges a chunk of tensors at a time into ONNX Runtime's calibration cache, and ONNX Runtime's QNN configuration
+(``get_qnn_qdq_config``) then places QDQ pairs as QNN wants: 16-bit (W8A16, Qualcomm's choice for Stable Diffusion) or
+8-bit (W8A8) activations, 8-bit per-channel conv weights where QNN allows. Modules can stay float or 16-bit by name
+(``node_modules``) or by measured sensitivity (``sensitivity.py``); ``inc.py`` is the neural-compressor backend.
 """
 from __future__ import annotations
 
@@ -398,7 +400,7 @@ def node_modules(original, graph) -> dict[str, str]:
 
 
 def in_module(module: str, pattern: str) -> bool:
-    """``pattern`` names ``module`` or one of its parents (``mid_block.attentions`` covers ``mid_block.attentions.0``)."""
+    """``pattern`` names ``module`` or a parent of it (``mid_block.attentions`` covers ``mid_block.attentions.0``)."""
     return module == pattern or module.startswith(pattern + ".")
 
 
