@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreamlite.compress.prune.target import calibration_batches, prune_to_target, unet_call
+from dreamlite.compress.prune.target import PassSettings, calibration_batches, prune_to_target, unet_call
 from dreamlite.evaluation.model_bench import bench_gen
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.sampler import default_settings
@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--held-out", type=int, default=8, help="held-out batches of 8 for the denoising loss")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--random-seeds", type=int, default=4,
+                    help="random-criterion draws, on the same calibration batches (the control's spread)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -58,13 +60,16 @@ def main():
         rows["teacher"] = {"loss": round(denoising_loss(teacher, held_out), 4),
                            **score(teacher, a.n_per_tag, a.seed, Path(tmp) / "teacher")}
         print("teacher", rows["teacher"], flush=True)
-        for c in CRITERIA:
-            report = prune_to_target(a.teacher, a.target, Path(tmp) / c, c, a.calib, seed=0)
-            student = load_bundle(str(Path(tmp) / c))
-            rows[c] = {"loss": round(denoising_loss(student, held_out), 4),
-                       "deviation": report["relative_output_deviation"],
-                       **score(student, a.n_per_tag, a.seed, Path(tmp) / f"{c}-bench")}
-            print(c, rows[c], flush=True)
+        runs = [(c, c, 0) for c in CRITERIA if c != "random"]
+        runs += [(f"random (seed {k})", "random", k) for k in range(a.random_seeds)]
+        for row, c, seed in runs:
+            folder = Path(tmp) / f"{c}-{seed}"
+            report = prune_to_target(a.teacher, a.target, folder, c, a.calib, passes=PassSettings(random_seed=seed))
+            student = load_bundle(str(folder))
+            rows[row] = {"loss": round(denoising_loss(student, held_out), 4),
+                         "deviation": report["relative_output_deviation"],
+                         **score(student, a.n_per_tag, a.seed, Path(tmp) / f"{c}-{seed}-bench")}
+            print(row, rows[row], flush=True)
         rows["random-init"] = {"deviation": report["relative_output_deviation_random_init"]}
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))

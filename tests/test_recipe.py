@@ -140,6 +140,34 @@ def test_prune_stage_needs_one_teacher_and_one_target(tmp_path):
         load_recipe(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("passes, message", [
+    ([{"pass": "width"}, {"pass": "depth"}], r"passes: \['width', 'depth'\] must be in chain order"),
+    ([{"pass": "heads"}, {"pass": "heads"}], "each at most once"),
+    ([{"pass": "width", "importance": "weights"}], r"stages\[0\]\.passes\[0\]\.width\.importance: Input should be"),
+    ([{"pass": "prune-everything"}], "does not match any of the expected tags"),
+])
+def test_prune_passes_are_checked_before_anything_runs(tmp_path, passes, message):
+    data = {"name": "p", "stages": [{"kind": "prune", "teacher": "shapes-server", "target": "shapes-mobile",
+                                     "passes": passes}]}
+    with pytest.raises(DreamliteError, match=message):
+        load_recipe(write(tmp_path, data))
+
+
+def test_prune_passes_choose_each_criterion_and_what_materialize_compensates(tmp_path, tiny_folders):
+    data = {"name": "p", "seed": 3, "stages": [{
+        "kind": "prune", "name": "prune", "teacher": str(tiny_folders["shapes-server"]),
+        "target": str(tiny_folders["shapes-mobile"] / "config.json"), "calib": 1,
+        "passes": [{"pass": "depth", "importance": "norm"}, {"pass": "width", "importance": "magnitude"},
+                   {"pass": "heads", "importance": "random"}, {"pass": "materialize", "renormalize": False}]}]}
+    run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    pruning = json.loads((tmp_path / "run/01-prune/model/dreamlite.json").read_text())["pruning"]
+    assert pruning["pass_settings"] == {"depth": "norm", "width": "magnitude", "heads": "random", "fold": True,
+                                          "renormalize": False, "random_seed": None}
+    by_pass = {p["pass"]: p for p in pruning["passes"]}
+    assert by_pass["width"]["criterion"] == "magnitude" and by_pass["heads"]["criterion"] == "random"
+    assert by_pass["materialize"]["renormalized_groupnorms"] == 0 and by_pass["materialize"]["folded_inputs"] > 0
+
+
 def test_bench_needs_exactly_one_model(tmp_path):
     data = {"name": "b", "stages": [{"kind": "bench", "bench": "gen"}]}
     with pytest.raises(DreamliteError, match="exactly one of input"):

@@ -7,6 +7,7 @@ deviation check), which calibration does only for models that can be driven (a t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,10 +16,46 @@ import torch.nn as nn
 
 from dreamlite.io import DreamliteError, read_json
 
-from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, calibration_statistics, dims_of,
-                   prune_unet, skip_scores)
+from .compensate import calibration_statistics
+from .importance import CRITERIA
+from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, channel_scores, dims_of,
+                   prune_unet, skip_scores, teacher_spaces)
 
 TARGET_CLASS = "DreamLiteUNetModel"
+DEPTH_CRITERIA = ("measured", "norm")
+
+
+@dataclass
+class PassSettings:
+    """How each pass of a target prune decides (recipes: ``passes:``). ``None`` picks the default.
+
+    ``depth``: ``measured`` (output change when a layer is skipped; the default with calibration) or ``norm`` (the
+    weight norm of what a layer writes). ``width`` / ``heads``: a criterion (``CRITERIA``); heads default to the
+    width criterion, width to taylor with calibration, else magnitude. ``fold`` / ``renormalize`` (materialize, with
+    calibration): fold pruned input channels into the kept ones; correct GroupNorms for the channels they lost.
+    ``random_seed``: the random criterion's draw (default: the run's seed), to measure the control's spread on the
+    same calibration batches."""
+    depth: str | None = None
+    width: str | None = None
+    heads: str | None = None
+    fold: bool = True
+    renormalize: bool = True
+    random_seed: int | None = None
+
+    def resolved(self, calib: int) -> "PassSettings":
+        width = self.width or ("taylor" if calib else "magnitude")
+        out = PassSettings(self.depth or ("measured" if calib else "norm"), width, self.heads or width, self.fold,
+                           self.renormalize, self.random_seed)
+        for field_, value in (("depth", out.depth), ("width", out.width), ("heads", out.heads)):
+            allowed = DEPTH_CRITERIA if field_ == "depth" else CRITERIA
+            if value not in allowed:
+                raise DreamliteError(f"passes.{field_}: unknown importance {value!r} (expected one of "
+                                     f"{', '.join(allowed)})")
+            if value in ("measured", "taylor", "activation") and not calib:
+                raise DreamliteError(f"passes.{field_}: importance {value!r} needs calibration batches (--calib N), "
+                                     "which need a model with a text encoder and codec beside it (a shapes-world "
+                                     "model folder)")
+        return out
 
 
 def resolve_target(spec: str) -> dict:
@@ -105,17 +142,27 @@ def deviation(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> fl
     return num / max(den, 1e-12)
 
 
-def taylor_gradients(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Gradients of the teacher's training loss (epsilon MSE) summed over calibration batches spread over timesteps,
-    as Diff-Pruning does."""
-    unet.zero_grad(set_to_none=True)
+def taylor_saliency(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Per weight, sum over calibration samples of (w x dL/dw)^2, L the teacher's training loss (epsilon MSE) on one
+    sample: the squared first-order change of the loss when the weight is removed (Molchanov et al. 2019; Diff-Pruning
+    spreads the samples over timesteps, as the calibration batches are). Squaring per sample matters: a trained
+    teacher sits near a minimum, so gradients summed over samples cancel and leave noise (that version scored worse
+    than random on the shapes teacher; docs/pruning.md)."""
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
     with torch.enable_grad():
         for b in batches:
-            pred = unet(**unet_call(unet, b, False)).sample
-            (pred - b["noise"]).pow(2).mean().backward()
-    grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.grad is not None}
+            for i in range(len(b["noise"])):
+                one = {**b, "sample": b["sample"][i:i + 1], "timestep": b["timestep"][i:i + 1],
+                       "text": b["text"][i:i + 1]}
+                unet.zero_grad(set_to_none=True)
+                pred = unet(**unet_call(unet, one, False)).sample
+                (pred - b["noise"][i:i + 1]).pow(2).mean().backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        out[n] += (p.detach() * p.grad).pow(2)
     unet.zero_grad(set_to_none=True)
-    return grads
+    return out
 
 
 @torch.no_grad()
@@ -163,14 +210,29 @@ def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[di
                       parse_count(macs, "--macs") if macs else None, measure)
 
 
+def _channel_scores(passes: PassSettings, source: TensorSource, cfg: dict, unet: nn.Module | None,
+                    batches: list[dict] | None, seed: int) -> dict[str, torch.Tensor]:
+    """Scores of every channel space: the width criterion's, and the heads criterion's for attention heads."""
+    spaces = teacher_spaces(source, cfg)
+    by_criterion = {}
+    for criterion in {passes.width, passes.heads}:
+        if criterion == "activation":
+            by_criterion[criterion] = activation_scores(unet, batches, cfg, spaces)
+        else:
+            saliency = taylor_saliency(unet, batches) if criterion == "taylor" else None
+            by_criterion[criterion] = channel_scores(source, cfg, spaces, criterion, saliency,
+                                                     seed if passes.random_seed is None else passes.random_seed)
+    return {s: by_criterion[passes.heads if sp.unit > 1 else passes.width][s] for s, sp in spaces.items()}
+
+
 # ------------------------------------------------------------------------------------------------------ the command
 def prune_to_target(teacher: str, target: str | None, out, importance: str | None = None, calib: int | None = None,
                     seed: int = 0, say: Callable[[str], None] | None = None, params: str | None = None,
-                    macs: str | None = None) -> dict:
+                    macs: str | None = None, passes: PassSettings | None = None) -> dict:
     """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file), or
     to the largest DreamLite layout within ``params`` / ``macs`` ('0.39B', '1.4T'), and write the model folder
-    ``out``. ``importance`` defaults to activation when calibration runs, magnitude otherwise. Returns the report
-    written to ``out/dreamlite.json``."""
+    ``out``. ``importance``: the width and heads criterion (shorthand for ``passes``). Returns the report written to
+    ``out/dreamlite.json``."""
     from dreamlite.evaluation.footprint import macs_per_call, macs_per_module
     from dreamlite.models.bundle import Bundle, load_bundle
     from dreamlite.models.presets import build
@@ -187,11 +249,10 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         cfg, budget = _budget_target(probe, params, macs, say)
     drivable = probe.codec is not None or (probe.folder is not None and (probe.folder / "text_encoder").is_dir())
     calib = (4 if drivable else 0) if calib is None else calib
-    # activation statistics were the best criterion on the shapes teacher (benchmarks/prune_criteria.py, README)
-    importance = importance or ("activation" if calib else "magnitude")
-    if importance in ("taylor", "activation") and calib == 0:
-        raise DreamliteError(f"--importance {importance}: needs calibration batches (--calib N), which need a model "
-                             "with a text encoder and codec beside it (a shapes-world model folder)")
+    if importance and passes and (passes.width or passes.heads):
+        raise DreamliteError("importance: give it, or the width / heads passes' importance, not both")
+    passes = PassSettings(**{**(passes or PassSettings()).__dict__, **({"width": importance} if importance else {})})
+    passes = passes.resolved(calib)
     if calib and not drivable:
         raise DreamliteError(f"--calib: {teacher} has no text encoder and codec to make calibration batches with "
                              "(use --calib 0 and magnitude or random importance)")
@@ -201,38 +262,37 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
                              "(pruning only removes: same number of stages, none wider)")
 
     t_cfg = dict(probe.unet.config)
-    full = batches = grads = measured = pooled = calib_stats = None
+    full = batches = measured = pooled = calib_stats = None
     if calib:
         say(f"calibration: {calib} batches of rendered scenes")
         full = load_bundle(teacher, seed=seed)
         full.unet.float().eval()
         batches = calibration_batches(full, calib, seed)
         source: TensorSource = StateDictSource(full.unet.state_dict())
-        say("depth: measuring each transformer layer's effect on the output")
         calls = [unet_call(full.unet, b, False) for b in batches]
-        measured = skip_scores(full.unet, calls)
+        if passes.depth == "measured":
+            say("depth: measuring each transformer layer's effect on the output")
+            measured = skip_scores(full.unet, calls)
         calib_stats = calibration_statistics(full.unet, calls)
-        if importance == "taylor":
-            grads = taylor_gradients(full.unet, batches)
+        calib_stats.inputs = calib_stats.inputs if passes.fold else {}
+        calib_stats.norms = calib_stats.norms if passes.renormalize else {}
         pooled = torch.cat([b["text"].pooled for b in batches]).mean(0)
     else:
         source = teacher_source(probe, seed)
 
     student = build_target(cfg, seed)
-    scores_override = None
-    if importance == "activation":
-        from .unet import teacher_spaces
-        scores_override = activation_scores(full.unet, batches, t_cfg, teacher_spaces(source, t_cfg))
+    scores = _channel_scores(passes, source, t_cfg, full.unet if full else None, batches, seed)
     size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
     teacher_macs = macs_per_module(probe.unet, (h, h), (size, size), tokens)
-    report = prune_unet(source, t_cfg, student, importance, grads, measured, pooled, seed, say,
-                        scores=scores_override, calib=calib_stats, module_macs=teacher_macs)
+    report = prune_unet(source, t_cfg, student, passes.width, None, measured, pooled, seed, say,
+                        scores=scores, calib=calib_stats, module_macs=teacher_macs, heads_criterion=passes.heads)
     summary = {
         "teacher": teacher, "target": target or {"params": params, "macs": macs, **budget,
                                                   "block_out_channels": cfg["block_out_channels"],
                                                   "transformer_layers_per_block": cfg["transformer_layers_per_block"],
                                                   "attention_head_dim": cfg["attention_head_dim"]},
-        "importance": importance, "calibration_batches": calib,
+        "importance": passes.width, "pass_settings": dict(passes.__dict__),
+        "calibration_batches": calib,
         "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
         "parameters": sum(p.numel() for p in student.parameters()),
         "teacher_macs_per_call": sum(teacher_macs.values()),

@@ -35,6 +35,8 @@ import torch.nn as nn
 
 from dreamlite.io import DreamliteError
 
+from .compensate import Calibration, fold_pruned_inputs, renormalize
+
 Dims = tuple  # one entry per tensor dim: None (kept whole) or a tuple of space names (concatenated along that dim)
 
 
@@ -256,9 +258,10 @@ def _head_dim(cfg: dict, space: str, width: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- importance
 def channel_scores(source: TensorSource, cfg: dict, spaces: dict[str, Space], criterion: str = "magnitude",
-                   grads: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                   saliency: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """One score per channel of every space, summed over every tensor that reads or writes it, streamed one teacher
-    tensor at a time: magnitude = sum of w^2, taylor = sum of (w * dL/dw)^2 (gradients from calibration batches),
+    tensor at a time: magnitude = sum of w^2, taylor = sum of ``saliency`` (per weight, (w * dL/dw)^2 summed over
+    calibration samples: ``target.taylor_saliency``),
     random = uniform noise (the control). Activation scores come from ``target.activation_scores`` instead."""
     if criterion not in ("magnitude", "taylor", "random"):
         raise DreamliteError(f"importance: {criterion!r} cannot be computed from weights (magnitude, taylor, random)")
@@ -270,12 +273,12 @@ def channel_scores(source: TensorSource, cfg: dict, spaces: dict[str, Space], cr
         dims = dims_of(name, source.shape(name), cfg)
         if all(d is None for d in dims):
             continue
-        w = source.get(name)
         if criterion == "taylor":
-            if grads is None or name not in grads:
+            if saliency is None or name not in saliency:
                 continue
-            w = w * grads[name]
-        w = w.pow(2)
+            w = saliency[name]
+        else:
+            w = source.get(name).pow(2)
         for d, names in enumerate(dims):
             if names is None or any(n not in scores for n in names):
                 continue
@@ -398,8 +401,9 @@ def student_name_to_teacher(name: str, plan: Plan) -> str:
 
 
 def width_pass(plan: Plan, spaces: dict[str, Space], scores: dict[str, torch.Tensor], targets: dict[str, int],
-               criterion: str) -> Plan:
-    """Keep the best channels of every space (heads as whole units), the same number in every GroupNorm group."""
+               criterion: str, heads_criterion: str | None = None) -> Plan:
+    """Keep the best channels of every space (heads as whole units), the same number in every GroupNorm group.
+    ``criterion`` / ``heads_criterion`` only name what ``scores`` came from, for the report."""
     for s, n in sorted(targets.items()):
         if s not in spaces:
             continue
@@ -413,7 +417,8 @@ def width_pass(plan: Plan, spaces: dict[str, Space], scores: dict[str, torch.Ten
                         "spaces_pruned": len(shrunk) - len(heads), "channels": {
                             s: v for s, v in shrunk.items() if spaces[s].unit == 1 and re.match(r"^(down|up)\d+$", s)}})
     if heads:
-        plan.report.append({"pass": "heads", "criterion": criterion, "attention_layers_pruned": len(heads),
+        plan.report.append({"pass": "heads", "criterion": heads_criterion or criterion,
+                            "attention_layers_pruned": len(heads),
                             "example": dict(list(heads.items())[:3])})
     return plan
 
@@ -495,10 +500,18 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
     notes: dict[str, float] = {}
 
     folds: dict[str, torch.Tensor] = {}  # module -> what its bias gains from folding its pruned inputs
+    renormalized: set[str] = set()  # GroupNorms corrected for their pruned channels
 
     def sliced(tname: str, student_shape: tuple[int, ...]) -> torch.Tensor:
-        t = source.get(tname)
         module, part = tname.rsplit(".", 1)
+        if module in calib.norms:  # a GroupNorm: corrected for the channels its groups lost
+            index = plan.index(dims_of(tname, source.shape(tname), tcfg)[0], sizes)
+            if len(index) < source.shape(tname)[0]:
+                gain, shift = renormalize(source.get(f"{module}.weight"), source.get(f"{module}.bias"), index,
+                                          calib.norms[module])
+                renormalized.add(module)
+                return gain if part == "weight" else shift
+        t = source.get(tname)
         for d, names in enumerate(dims_of(tname, tuple(t.shape), tcfg)):
             if names is None:
                 continue
@@ -589,6 +602,8 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
         if v:
             report[f"{k}_fit_error_mean"] = round(float(np.mean(v)), 4)
     report.update({k: round(v, 6) for k, v in notes.items()})
+    report["folded_inputs"] = len([f for f in folds.values() if torch.is_tensor(f)])
+    report["renormalized_groupnorms"] = len(renormalized)
     return report
 
 
@@ -612,7 +627,7 @@ def _separable_resnet(prefix: str, tprefix: str, source, tcfg, scfg, sd, plan, s
     w.put(f"{prefix}.time_emb_proj.weight", temb_w[rows], "fitted")
     w.put(f"{prefix}.time_emb_proj.bias", temb_b[rows], "fitted")
     for part in ("weight", "bias"):
-        w.put(f"{prefix}.norm2.{part}", source.get(f"{tprefix}.norm2.{part}")[keep][rows], "fitted")
+        w.put(f"{prefix}.norm2.{part}", sliced(f"{tprefix}.norm2.{part}", ())[rows], "fitted")
     w2 = sliced(f"{tprefix}.conv2.weight", ())  # (out, k, 3, 3)
     cov2 = patch_cov.get(f"{tprefix}.conv2")
     d2, p2, e2 = _rank_fit(w2, 2, None if cov2 is None else cov2[keep])
@@ -709,13 +724,15 @@ def target_sizes(student_sd: dict[str, torch.Tensor], source: TensorSource, tcfg
 
 # ---------------------------------------------------------------------------------------------------- the whole job
 def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, criterion: str = "magnitude",
-               grads: dict[str, torch.Tensor] | None = None, measured_depth: dict[str, list[float]] | None = None,
+               saliency: dict[str, torch.Tensor] | None = None, measured_depth: dict[str, list[float]] | None = None,
                pooled_mean: torch.Tensor | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
                scores: dict[str, torch.Tensor] | None = None,
-               calib: Calibration | None = None, module_macs: dict[str, int] | None = None) -> list[dict]:
+               calib: Calibration | None = None, module_macs: dict[str, int] | None = None,
+               heads_criterion: str | None = None) -> list[dict]:
     """Fill ``student`` (a DreamLiteUNetModel built from the target config) from the teacher: depth, width and
-    heads passes, then materialize. ``scores``: channel scores per space computed elsewhere (activation statistics);
-    otherwise ``criterion`` scores them from the weights (and ``grads`` for taylor). ``calib``: the teacher's
+    heads passes, then materialize. ``scores``: channel scores per space computed elsewhere (activation statistics,
+    or per-pass criteria: ``criterion`` and ``heads_criterion`` then only name them in the report); otherwise
+    ``criterion`` scores them from the weights (and ``saliency`` for taylor). ``calib``: the teacher's
     input statistics (``calibration_statistics``) that weight the fits and fold pruned inputs. ``module_macs``: the
     teacher's MACs per module (``macs_per_module``), for MACs after each pass. Returns the per-pass report."""
     say = progress or (lambda _m: None)
@@ -724,11 +741,11 @@ def prune_unet(source: TensorSource, teacher_config: dict, student: nn.Module, c
     plan = Plan()
     say("depth: choosing transformer layers")
     depth_pass(plan, source.keys(), sd.keys(), source, measured_depth)
-    say(f"width and heads: scoring channels ({criterion})")
+    say(f"width and heads: scoring channels ({criterion}{', heads ' + heads_criterion if heads_criterion else ''})")
     spaces = teacher_spaces(source, tcfg)
-    scores = scores or channel_scores(source, tcfg, spaces, criterion, grads, seed)
+    scores = scores or channel_scores(source, tcfg, spaces, criterion, saliency, seed)
     targets = target_sizes(sd, source, tcfg, scfg, plan)
-    width_pass(plan, spaces, scores, targets, criterion)
+    width_pass(plan, spaces, scores, targets, criterion, heads_criterion)
     for name in sd:  # two spaces joined by an identity shortcut in both models must keep the same channels
         m = re.match(r"^(.*resnets\.\d+)\.norm1\.weight$", name)
         if m and f"{m.group(1)}.conv_shortcut.weight" not in sd:
@@ -799,90 +816,3 @@ def _count_after_passes(plan: Plan, source: TensorSource, tcfg: dict, spaces: di
             entry["parameters_after"] = params["width"]
             if module_macs:
                 entry["macs_after"] = int(macs["width"])
-
-
-@dataclass
-class Calibration:
-    """What materialize is weighted by, measured on the teacher over calibration batches.
-
-    ``patches``: per ResNet 3x3 conv, second moments (in, 9, 9) of each input channel's patches (the separable fits).
-    ``inputs``: per Conv2d / Linear, second moments (in+1, in+1) of its input channels and a constant 1 (the
-    compensation of pruned input channels)."""
-    patches: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def calibration_statistics(unet: nn.Module, batches: list[dict], max_inputs: int = 4096) -> Calibration:
-    """One pass of the teacher over calibration batches (U-Net call arguments), collecting :class:`Calibration`."""
-    import torch.nn.functional as F
-
-    sums: dict[tuple[str, str], torch.Tensor] = {}
-    counts: dict[tuple[str, str], int] = {}
-
-    def add(key, value, n):
-        sums[key] = sums.get(key, 0) + value
-        counts[key] = counts.get(key, 0) + n
-
-    def hook_for(name, patches):
-        def hook(module, args):
-            x = args[0].float()
-            if isinstance(module, nn.Conv2d):
-                flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, B*H*W)
-                if patches:
-                    b, c = x.shape[:2]
-                    p = F.unfold(x, module.kernel_size, padding=module.padding).view(b, c, -1, flat.shape[1] // b)
-                    add(("patches", name), torch.einsum("bcpl,bcql->cpq", p, p), flat.shape[1])
-            else:
-                flat = x.reshape(-1, x.shape[-1]).T  # (C, tokens)
-            z = torch.cat([flat, flat.new_ones(1, flat.shape[1])]).double()
-            add(("inputs", name), z @ z.T, flat.shape[1])
-        return hook
-
-    hooks = []
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels <= max_inputs:
-            patches = bool(re.search(r"resnets\.\d+\.conv[12]$", name)) and module.kernel_size == (3, 3)
-            hooks.append(module.register_forward_pre_hook(hook_for(name, patches)))
-        elif isinstance(module, nn.Linear) and module.in_features <= max_inputs:
-            hooks.append(module.register_forward_pre_hook(hook_for(name, False)))
-    try:
-        for b in batches:
-            unet(**b)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = Calibration()
-    for (kind, name), v in sums.items():
-        getattr(out, kind)[name] = (v / counts[kind, name]).float() if kind == "patches" else v / counts[kind, name]
-    return out
-
-
-FOLD_RIDGE = 1.0  # relative to the kept channels' mean energy; see docs/pruning.md for the measurement
-
-
-def fold_pruned_inputs(weight: torch.Tensor, keep: torch.Tensor, moments: torch.Tensor, ridge: float = FOLD_RIDGE
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel reconstruction (He et al. 2017, "Channel Pruning"; ThiNet): the removed input channels' contribution
-    is folded into the kept ones by their least-squares prediction from the kept channels and a constant.
-
-    ``weight``: (out, in, ...) over all teacher input channels; ``keep``: kept input channels; ``moments``:
-    (in+1, in+1) second moments of [x, 1] on calibration inputs. Returns the weight on the kept channels
-    (out, len(keep), ...) and what the layer's bias gains (out,): with ``ridge=0``, exact when the removed channels
-    are affine functions of the kept ones (for a conv, away from the zero-padded border). The ridge shrinks the
-    prediction: the pruned student's own inputs drift from the teacher's (its GroupNorms see fewer channels), and a
-    full-strength fold amplifies that drift."""
-    n = weight.shape[1]
-    gone = torch.tensor(sorted(set(range(n)) - set(keep.tolist())), dtype=torch.long)
-    if len(gone) == 0:
-        return weight.index_select(1, keep), weight.new_zeros(weight.shape[0])
-    basis = torch.cat([keep, torch.tensor([n])])  # the kept channels and the constant
-    m = moments.double()
-    gram = m[basis][:, basis]
-    gram = gram + ridge * gram.diagonal()[:-1].mean() * torch.diag(torch.cat([torch.ones(len(keep)),
-                                                                              torch.zeros(1)])).double()
-    a = torch.linalg.solve(gram, m[basis][:, gone]).T.float()  # (gone, kept + 1): x_gone ~ a @ [x_keep, 1]
-    w_gone = weight.index_select(1, gone)
-    folded = weight.index_select(1, keep) + torch.einsum("og...,gk->ok...", w_gone, a[:, :-1])
-    bias = torch.einsum("og...,g->o", w_gone, a[:, -1])
-    return folded, bias
