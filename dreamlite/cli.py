@@ -324,8 +324,9 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, see
 @click.option("--width", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Generic pruning: fraction of channels to KEEP in every prunable layer group (0.5 = half width).")
 @click.option("--importance", type=click.Choice(["magnitude", "taylor", "activation", "random"]), default=None,
-              help="Which channels, heads and layers go (taylor / activation need calibration). Default: activation "
-                   "when calibration runs (measured best on the shapes teacher), else magnitude.")
+              help="Which channels and heads go (taylor / activation need calibration). Default: taylor when "
+                   "calibration runs (measured best on the shapes teacher), else magnitude. Recipes can set each "
+                   "pass apart (passes:).")
 @click.option("--calib", type=click.IntRange(0), default=None,
               help="Calibration batches [--target: 4 for models with a text encoder and codec, else 0 (the teacher "
                    "is then streamed tensor by tensor); --width: 4 random batches].")

@@ -42,17 +42,17 @@ class PassSettings:
     renormalize: bool = True
     random_seed: int | None = None
 
-    def resolved(self, calib: int) -> "PassSettings":
+    def resolved(self, calib: int, width_label: str = "passes.width") -> "PassSettings":
+        """The defaults filled in and checked; ``width_label`` names the width criterion's origin in errors."""
         width = self.width or ("taylor" if calib else "magnitude")
         out = PassSettings(self.depth or ("measured" if calib else "norm"), width, self.heads or width, self.fold,
                            self.renormalize, self.random_seed)
-        for field_, value in (("depth", out.depth), ("width", out.width), ("heads", out.heads)):
-            allowed = DEPTH_CRITERIA if field_ == "depth" else CRITERIA
+        for label, value in (("passes.depth", out.depth), (width_label, out.width), ("passes.heads", out.heads)):
+            allowed = DEPTH_CRITERIA if label == "passes.depth" else CRITERIA
             if value not in allowed:
-                raise DreamliteError(f"passes.{field_}: unknown importance {value!r} (expected one of "
-                                     f"{', '.join(allowed)})")
+                raise DreamliteError(f"{label}: unknown importance {value!r} (expected one of {', '.join(allowed)})")
             if value in ("measured", "taylor", "activation") and not calib:
-                raise DreamliteError(f"passes.{field_}: importance {value!r} needs calibration batches (--calib N), "
+                raise DreamliteError(f"{label}: importance {value!r} needs calibration batches (--calib N), "
                                      "which need a model with a text encoder and codec beside it (a shapes-world "
                                      "model folder)")
         return out
@@ -252,7 +252,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     if importance and passes and (passes.width or passes.heads):
         raise DreamliteError("importance: give it, or the width / heads passes' importance, not both")
     passes = PassSettings(**{**(passes or PassSettings()).__dict__, **({"width": importance} if importance else {})})
-    passes = passes.resolved(calib)
+    passes = passes.resolved(calib, "--importance" if importance else "passes.width")
     if calib and not drivable:
         raise DreamliteError(f"--calib: {teacher} has no text encoder and codec to make calibration batches with "
                              "(use --calib 0 and magnitude or random importance)")
