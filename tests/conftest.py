@@ -22,7 +22,7 @@ TINY = {
                       "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 16 + 6 * 4},
     "shapes-mobile": {"block_out_channels": [8, 8, 16], "attention_head_dim": [1, 1, 2], "norm_num_groups": 4,
                       "cross_attention_dim": 16, "encoder_hid_dim": 16, "addition_time_embed_dim": 4,
-                      "projection_class_embeddings_input_dim": 8},
+                      "projection_class_embeddings_input_dim": 8, "time_embedding_dim": 24},
 }
 
 
