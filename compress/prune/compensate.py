@@ -84,7 +84,8 @@ def calibration_statistics(unet: nn.Module, batches: list[dict], max_inputs: int
     finally:
         for h in hooks:
             h.remove()
-    out = Calibration(norms={n: {**v, "mean": torch.cat(v["mean"]), "sq": torch.cat(v["sq"])} for n, v in norms.items()})
+    out = Calibration(norms={n: {**v, "mean": torch.cat(v["mean"]), "sq": torch.cat(v["sq"])}
+                             for n, v in norms.items()})
     for (kind, name), v in sums.items():
         getattr(out, kind)[name] = (v / counts[kind, name]).float() if kind == "patches" else v / counts[kind, name]
     return out

@@ -10,7 +10,7 @@ from conftest import TINY, tiny_bundle
 from dreamlite.cli import main
 from dreamlite.compress.prune.generic import example_inputs
 from dreamlite.evaluation.footprint import macs_per_module
-from dreamlite.compress.prune.compensate import calibration_statistics, fold_pruned_inputs, renormalize
+from dreamlite.compress.prune.compensate import calibration_statistics, fold_pruned_inputs
 from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, depth_pass,
                                            prune_unet, select, skip_scores)
 from dreamlite.models.presets import build, get_preset
