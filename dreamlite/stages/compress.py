@@ -50,7 +50,7 @@ class PruneStage(StageConfig):
     target: str | None = Field(None, description="a DreamLite preset or DreamLiteUNetModel config file")
     params: str | None = Field(None, description="or a parameter budget, e.g. 0.39B")
     macs: str | None = Field(None, description="or a MACs-per-call budget, e.g. 1.4T")
-    importance: Literal["magnitude", "taylor", "activation", "random"] | None = Field(
+    importance: Criterion | None = Field(
         None, description="the width and heads criterion (default: taylor with calibration, else magnitude)")
     calib: int | None = Field(None, ge=0, description="calibration batches (default: 4 when the teacher can be "
                                                       "driven, else 0)")
