@@ -7,7 +7,7 @@ deviation check), which calibration does only for models that can be driven (a t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,8 +45,8 @@ class PassSettings:
     def resolved(self, calib: int, width_label: str = "passes.width") -> "PassSettings":
         """The defaults filled in and checked; ``width_label`` names the width criterion's origin in errors."""
         width = self.width or ("taylor" if calib else "magnitude")
-        out = PassSettings(self.depth or ("measured" if calib else "norm"), width, self.heads or width, self.fold,
-                           self.renormalize, self.random_seed)
+        out = replace(self, depth=self.depth or ("measured" if calib else "norm"), width=width,
+                      heads=self.heads or width)
         for label, value in (("passes.depth", out.depth), (width_label, out.width), ("passes.heads", out.heads)):
             allowed = DEPTH_CRITERIA if label == "passes.depth" else CRITERIA
             if value not in allowed:
@@ -250,7 +250,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
     calib = (4 if drivable else 0) if calib is None else calib
     if importance and passes and (passes.width or passes.heads):
         raise DreamliteError("importance: give it, or the width / heads passes' importance, not both")
-    passes = PassSettings(**{**(passes or PassSettings()).__dict__, **({"width": importance} if importance else {})})
+    passes = replace(passes or PassSettings(), **({"width": importance} if importance else {}))
     passes = passes.resolved(calib, "--importance" if importance else "passes.width")
     if calib and not drivable:
         raise DreamliteError(f"--calib: {teacher} has no text encoder and codec to make calibration batches with "
@@ -290,7 +290,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
                                                   "block_out_channels": cfg["block_out_channels"],
                                                   "transformer_layers_per_block": cfg["transformer_layers_per_block"],
                                                   "attention_head_dim": cfg["attention_head_dim"]},
-        "importance": passes.width, "pass_settings": dict(passes.__dict__),
+        "importance": passes.width, "pass_settings": asdict(passes),
         "calibration_batches": calib,
         "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
         "parameters": sum(p.numel() for p in student.parameters()),

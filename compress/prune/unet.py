@@ -500,17 +500,17 @@ def materialize(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan
     notes: dict[str, float] = {}
 
     folds: dict[str, torch.Tensor] = {}  # module -> what its bias gains from folding its pruned inputs
-    renormalized: set[str] = set()  # GroupNorms corrected for their pruned channels
+    renormalized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # GroupNorm -> corrected (gain, bias)
 
     def sliced(tname: str, student_shape: tuple[int, ...]) -> torch.Tensor:
         module, part = tname.rsplit(".", 1)
         if module in calib.norms:  # a GroupNorm: corrected for the channels its groups lost
             index = plan.index(dims_of(tname, source.shape(tname), tcfg)[0], sizes)
             if len(index) < source.shape(tname)[0]:
-                gain, shift = renormalize(source.get(f"{module}.weight"), source.get(f"{module}.bias"), index,
-                                          calib.norms[module])
-                renormalized.add(module)
-                return gain if part == "weight" else shift
+                if module not in renormalized:  # weight and bias come from one correction
+                    renormalized[module] = renormalize(source.get(f"{module}.weight"), source.get(f"{module}.bias"),
+                                                       index, calib.norms[module])
+                return renormalized[module][part == "bias"]
         t = source.get(tname)
         for d, names in enumerate(dims_of(tname, tuple(t.shape), tcfg)):
             if names is None:
