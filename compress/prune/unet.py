@@ -265,6 +265,8 @@ def channel_scores(source: TensorSource, cfg: dict, spaces: dict[str, Space], cr
     random = uniform noise (the control). Activation scores come from ``target.activation_scores`` instead."""
     if criterion not in ("magnitude", "taylor", "random"):
         raise DreamliteError(f"importance: {criterion!r} cannot be computed from weights (magnitude, taylor, random)")
+    if criterion == "taylor" and saliency is None:  # otherwise every score is 0 and the choice is arbitrary
+        raise DreamliteError("importance: 'taylor' needs the saliency of calibration batches (target.taylor_saliency)")
     scores = {s: torch.zeros(sp.size) for s, sp in spaces.items()}
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)

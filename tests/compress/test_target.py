@@ -10,6 +10,7 @@ from conftest import TINY, tiny_bundle
 from dreamlite.cli import main
 from dreamlite.compress.prune.generic import example_inputs
 from dreamlite.evaluation.footprint import macs_per_module
+from dreamlite.io import DreamliteError
 from dreamlite.compress.prune.compensate import calibration_statistics, fold_pruned_inputs
 from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, depth_pass,
                                            prune_unet, select, skip_scores)
@@ -223,3 +224,10 @@ def test_calibration_folds_nothing_when_nothing_is_pruned():
     assert "conv_out" in calib.inputs and calib.inputs["conv_out"].shape == (t.conv_out.in_channels + 1,) * 2
     prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, calib=calib)
     assert max_deviation(t, s) == 0
+
+
+def test_taylor_without_calibration_saliency_is_refused_not_silently_zero():
+    t = teacher()
+    s = dreamlite_twin(t)
+    with pytest.raises(DreamliteError, match="'taylor' needs the saliency"):
+        prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, criterion="taylor")
