@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from dreamlite.compress.prune.importance import CRITERIA
 from dreamlite.compress.prune.target import PassSettings, calibration_batches, prune_to_target, unet_call
 from dreamlite.evaluation.model_bench import bench_gen
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.sampler import default_settings
 
-CRITERIA = ("magnitude", "taylor", "activation", "random")
 HELD_OUT_SEED = 987_654
 
 

@@ -1,10 +1,12 @@
 """Recovery ablation at equal steps (issue 5): task-progressive (t2i -> edit -> joint) versus joint from the start
 versus editing without the text-to-image stage, and progressive without each distillation loss. Every variant
 starts from the same pruned student, trains the same number of optimizer steps on the same batch size, and is
-judged on the same fresh GenEval-style and ImgEdit-style benchmarks.
+judged on the same fresh GenEval-style and ImgEdit-style benchmarks, and measured on the same held-out samples
+(``compress/distill/heldout.py``: flow losses at fixed sigmas, and how much the student reads the source).
 
-    python benchmarks/recover_ablation.py --student runs/full/01-prune/model --teacher zoo:shapes-server \
-        --steps 1500 --out runs/ablation [--only progressive,joint]
+    dreamlite prune --teacher zoo:shapes-server --target shapes-mobile --calib 4 --out runs/ablation/student
+    python benchmarks/recover_ablation.py --student runs/ablation/student --teacher zoo:shapes-server \
+        --steps 900 --batch 16 --lr 1e-3 --n 10 --out runs/ablation [--only progressive,joint-only]
 
 Writes OUT/results.json and OUT/results.md (the table pasted into docs/recovery.md); each variant's training folder
 is kept under OUT/<variant>/ so an interrupted run resumes where it stopped.
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dreamlite.compress.distill import LossWeights, Phase, recover
+from dreamlite.compress.distill.heldout import held_out_losses
 from dreamlite.data import ShapesData
 from dreamlite.evaluation.model_bench import bench_edit, bench_gen
 from dreamlite.models.bundle import load_bundle
@@ -61,6 +64,9 @@ def main():
     names = a.only.split(",") if a.only else list(VARIANTS)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     teacher = load_bundle(a.teacher)
+    if "pruned" not in results:  # the common starting point, before any training (held-out losses only)
+        results["pruned"] = {k: v["mean"] for k, v in held_out_losses(load_bundle(a.student),
+                                                                      ShapesData(teacher.image_size)).items()}
     for name in names:
         if name in results:
             continue
@@ -68,6 +74,7 @@ def main():
         torch.manual_seed(0)
         train = recover(student, teacher, phases(VARIANTS[name], a.steps, a.batch, a.lr), out / name / "train",
                         ShapesData(student.image_size), seed=0)
+        losses = held_out_losses(student, ShapesData(student.image_size))
         student.prediction = "flow"
         s = default_settings(student)
         s.seed = a.seed
@@ -75,14 +82,19 @@ def main():
         edit = bench_edit(student, out / name / "edit", a.n, s, a.seed)
         results[name] = {"gen": round(gen["overall"], 3), "edit": round(edit["overall"], 2),
                          "edit_min_type": round(min(v["overall"] for v in edit["per_type"].values()), 2),
-                         "final_loss": train[-1]["final_loss"]}
+                         "held_out_t2i": losses["t2i"]["mean"], "held_out_edit": losses["edit"]["mean"],
+                         "source_gain": losses["source_gain"]["mean"], "final_loss": train[-1]["final_loss"]}
         print(name, results[name], flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Equal steps: {a.steps} x batch {a.batch}; {a.n} prompts per tag, {a.n} edits per type, seed {a.seed}.",
-             "", "| variant | GenEval-style | ImgEdit-style | worst edit type | final loss |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['gen']:.3f} | {v['edit']:.2f} | {v['edit_min_type']:.2f} | {v['final_loss']} |"
-              for k, v in results.items()]
+    p = results["pruned"]
+    lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}; {a.n} prompts per tag, {a.n} edits per type, seed "
+             f"{a.seed}. Held-out losses of the pruned student before training: t2i {p['t2i']:.4f}, edit "
+             f"{p['edit']:.4f}, source gain {p['source_gain']:.4f}.",
+             "", "| variant | GenEval-style | ImgEdit-style | worst edit type | held-out t2i loss | held-out edit loss "
+             "| source gain |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['gen']:.3f} | {v['edit']:.2f} | {v['edit_min_type']:.2f} | {v['held_out_t2i']:.4f} "
+              f"| {v['held_out_edit']:.4f} | {v['source_gain']:.4f} |" for k, v in results.items() if k != "pruned"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

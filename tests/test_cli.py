@@ -56,3 +56,15 @@ def test_bad_recipe_via_cli(tmp_path):
     r = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and "stages[0].sparkle: Extra inputs are not permitted" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_and_recipes_offer_every_registered_importance_criterion():
+    # the CLI spells the names out (it must not import torch to parse); the registry is the source of truth
+    from typing import get_args
+
+    from dreamlite.compress.prune.importance import CRITERIA, make_importance
+    from dreamlite.stages.compress import Criterion
+
+    option = next(p for p in main.commands["prune"].params if p.name == "importance")
+    assert tuple(option.type.choices) == CRITERIA == get_args(Criterion)
+    assert all(make_importance(c) is not None for c in CRITERIA)

@@ -11,10 +11,33 @@ import torch.nn as nn
 
 from dreamlite.io import DreamliteError
 
-CRITERIA = ("magnitude", "taylor", "activation", "random")
+FACTORIES: dict[str, Callable[[], object]] = {}  # criterion name -> a torch-pruning importance (the registry)
 NEEDS_DATA = ("taylor", "activation")
 
 
+def criterion(name: str):
+    """Register an importance factory under ``name`` (recipes, the CLI and the API all read this registry)."""
+    def register(factory):
+        FACTORIES[name] = factory
+        return factory
+    return register
+
+
+@criterion("magnitude")
+def _magnitude():
+    import torch_pruning as tp
+    return tp.importance.MagnitudeImportance(p=2)
+
+
+@criterion("taylor")
+def _taylor():
+    import torch_pruning as tp
+    return tp.importance.TaylorImportance()
+
+
+
+
+@criterion("activation")
 class OutputActivationImportance:
     """Mean |output| of each channel of every conv / linear layer in the group, on calibration batches (averaged
     over batches, summed over the coupled layers of a group). torch-pruning's own ActivationImportance reads layer
@@ -53,16 +76,19 @@ class OutputActivationImportance:
         return total if found else None
 
 
-def make_importance(name: str):
+@criterion("random")
+def _random():
     import torch_pruning as tp
+    return tp.importance.RandomImportance()
 
-    factories = {"magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-                 "taylor": tp.importance.TaylorImportance,
-                 "activation": OutputActivationImportance,
-                 "random": tp.importance.RandomImportance}
-    if name not in factories:
+
+CRITERIA = tuple(FACTORIES)  # ("magnitude", "taylor", "activation", "random")
+
+
+def make_importance(name: str):
+    if name not in FACTORIES:
         raise DreamliteError(f"importance: unknown criterion {name!r} (expected one of {', '.join(CRITERIA)})")
-    return factories[name]()
+    return FACTORIES[name]()
 
 
 def calibrate(importance: str, scorer, model: nn.Module, loop: Callable[[nn.Module], torch.Tensor | None] | None):

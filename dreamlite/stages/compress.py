@@ -5,12 +5,13 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dreamlite.compress.prune.importance import CRITERIA
 from dreamlite.recipe import StageConfig, StageContext, stage
 
 from .models import ModelInput, stage_model
 
 
-Criterion = Literal["magnitude", "taylor", "activation", "random"]
+Criterion = Literal[CRITERIA]  # the importance registry's names
 PASS_ORDER = ("depth", "width", "heads", "materialize")
 
 

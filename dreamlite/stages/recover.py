@@ -39,6 +39,7 @@ class RecoverStage(StageConfig):
 
 @stage(RecoverStage, distributed=True)
 def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.distill.heldout import held_out_losses
     from dreamlite.compress.distill.recover import recover
     from dreamlite.data import data_source
     from dreamlite.models.bundle import load_bundle
@@ -46,10 +47,17 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     student = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.student)
     spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher
     teacher = load_bundle(spec) if spec else None
+    data = data_source(cfg.data, student.image_size)
+    before = held_out_losses(student, data) if ctx.main else None
     torch.manual_seed(ctx.seed)  # the feature projections' initialisation
-    phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data_source(cfg.data, student.image_size),
-                     ctx.seed, cfg.sigma_sampling, cfg.shift, ctx.track, ctx.log)
+    phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data, ctx.seed, cfg.sigma_sampling, cfg.shift,
+                     ctx.track, ctx.log)
+    held_out = {}
     if ctx.main:
+        after = held_out_losses(student, data)
+        names = {"t2i": "held_out_t2i_loss", "edit": "held_out_edit_loss", "source_gain": "source_gain"}
+        held_out = {name: after[k]["mean"] for k, name in names.items() if k in after}
+        held_out["held_out"] = {"before": before, "after": after}
         student.prediction = "flow"
         student.meta.pop("schedule", None)
         if cfg.save_dtype == "fp16":
@@ -59,4 +67,4 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
                                 teacher=teacher.name if teacher else None,
                                 phases=[p.model_dump(mode="json") for p in cfg.phases], **extra)
     return {"steps": sum(p.train.steps for p in cfg.phases), "final_loss": phases[-1]["final_loss"],
-            "phases": {f"{i + 1}-{p['phase']}": p for i, p in enumerate(phases)}}
+            "phases": {f"{i + 1}-{p['phase']}": p for i, p in enumerate(phases)}, **held_out}

@@ -200,3 +200,27 @@ def test_recover_refuses_students_it_cannot_train_before_training(tmp_path):
     with pytest.raises(DreamliteError, match="text encoder differs"):
         recover(student, teacher, _phases(), tmp_path, ShapesData())
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ held-out losses
+def test_held_out_losses_are_fixed_per_model_and_measure_the_source():
+    from dreamlite.compress.distill.heldout import held_out_losses
+
+    a, b = tiny_bundle("shapes-mobile", seed=0), tiny_bundle("shapes-mobile", seed=1)
+    a.unet.train()
+    first = held_out_losses(a, ShapesData(), n=4, sigmas=(0.8, 0.2))
+    assert a.unet.training  # put back as it was
+    assert held_out_losses(a, ShapesData(), n=4, sigmas=(0.8, 0.2)) == first  # same samples, same noise
+    assert held_out_losses(b, ShapesData(), n=4, sigmas=(0.8, 0.2))["t2i"] != first["t2i"]
+    assert set(first) == {"t2i", "edit", "edit_without_source", "source_gain"}
+    for s in ("0.8", "0.2"):
+        gain = first["edit_without_source"]["per_sigma"][s] - first["edit"]["per_sigma"][s]
+        assert first["source_gain"]["per_sigma"][s] == pytest.approx(gain, abs=2e-5)
+    assert first["source_gain"]["mean"] != 0  # a random in-context U-Net already reads its context half
+
+
+def test_held_out_losses_of_a_model_without_context_width_are_text_to_image_only():
+    from dreamlite.compress.distill.heldout import held_out_losses
+
+    out = held_out_losses(tiny_bundle("shapes-server"), ShapesData(), n=2, sigmas=(0.5,))
+    assert set(out) == {"t2i"} and out["t2i"]["mean"] > 0
