@@ -173,6 +173,15 @@ def test_a_parameter_budget_picks_the_largest_dreamlite_layout_that_fits(tiny_fo
     assert n == target["parameters"] <= full * 0.6 and target["factor"] < 1
 
 
+@pytest.mark.parametrize("latent", [4, 48])
+def test_budget_layouts_keep_stage_one_wider_than_the_latent(latent):
+    from dreamlite.compress.prune.budget import dreamlite_layout
+    cfg = dict(teacher().config)
+    cfg.update(in_channels=latent, out_channels=latent, block_out_channels=[128, 128, 128], attention_head_dim=8)
+    widths = dreamlite_layout(cfg, 1e-6)["block_out_channels"]
+    assert widths[0] >= 4 / 3 * latent and widths[0] % cfg["norm_num_groups"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "sdxl"], "is a UNet2DConditionModel; targets are DreamLiteUNetModel"),
     (["--target", "shapes-mobile", "--width", "0.5"], "exactly one of --target"),
