@@ -83,7 +83,8 @@ def main():
         results[name] = {"gen": round(gen["overall"], 3), "edit": round(edit["overall"], 2),
                          "edit_min_type": round(min(v["overall"] for v in edit["per_type"].values()), 2),
                          "held_out_t2i": losses["t2i"]["mean"], "held_out_edit": losses["edit"]["mean"],
-                         "source_gain": losses["source_gain"]["mean"], "final_loss": train[-1]["final_loss"]}
+                         "source_gain": losses["source_gain"]["mean"], "final_loss": train[-1]["final_loss"],
+                         "held_out": losses}
         print(name, results[name], flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))

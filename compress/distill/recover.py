@@ -155,6 +155,11 @@ class RecoverTask(nn.Module):
             self.student_taps.pop(), self.teacher_taps.pop()
         return torch.cat(per_sample).mean(), logs
 
+    def close(self) -> None:
+        """Remove the feature hooks from both U-Nets (they outlive training otherwise)."""
+        if self.teacher is not None:
+            self.student_taps.remove(), self.teacher_taps.remove()
+
 
 def check_pair(student_bundle, teacher_bundle, edits: bool) -> None:
     """Fail before training on a student that cannot be trained as asked (one line naming the field)."""
@@ -209,18 +214,21 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     task.student.train()
     latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
     summaries = []
-    for i, phase in enumerate(phases):
-        spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
-                         sigma_sampling, shift)
-        task.weights = phase.weights
-        if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
-            task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")
+    try:
+        for i, phase in enumerate(phases):
+            spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
+                             sigma_sampling, shift)
+            task.weights = phase.weights
+            if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
+                task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")
 
-        def batches(step: int, spec=spec, i=i) -> dict:
-            return recover_batch(data, spec, seed, step, latent, stream=i)
+            def batches(step: int, spec=spec, i=i) -> dict:
+                return recover_batch(data, spec, seed, step, latent, stream=i)
 
-        out = Path(folder) / f"{i + 1:02d}-{phase.task}"
-        summaries.append({"phase": phase.task, **fit(task, batches, phase.train, out, track, log,
-                                                     description=f"recover {phase.task}")})
+            out = Path(folder) / f"{i + 1:02d}-{phase.task}"
+            summaries.append({"phase": phase.task, **fit(task, batches, phase.train, out, track, log,
+                                                         description=f"recover {phase.task}")})
+    finally:
+        task.close()  # the feature hooks must not outlive training (sampling, export, a second recover())
     task.student.eval()
     return summaries

@@ -162,6 +162,8 @@ def test_recover_trains_every_phase_and_resumes_exactly(tmp_path, monkeypatch):
     header = (tmp_path / "straight" / "01-t2i" / "train_log.csv").read_text().splitlines()[0]
     assert header.split(",")[3:] == ["loss", "t2i", "kd_out", "kd_feat"]
     assert (tmp_path / "straight" / "03-joint" / "loss.png").is_file()
+    # the feature-distillation hooks are gone: both U-Nets are as the caller gave them
+    assert not any(m._forward_hooks for u in (student.unet, teacher.unet) for m in u.modules())
 
     # killed after the edit phase's first checkpoint, then run again from a fresh process state
     import dreamlite.train as train
