@@ -210,6 +210,8 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
     report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
     _, recover, edit, gen = (s["metrics"] for s in report["stages"])
     assert list(recover["phases"]) == ["1-t2i", "2-edit", "3-joint"] and recover["steps"] == 3
+    before, after = recover["held_out"]["before"], recover["held_out"]["after"]
+    assert after["t2i"]["mean"] == recover["held_out_t2i_loss"] and set(after) == set(before) >= {"edit", "source_gain"}
     model = tmp_path / "run/02-recover/model"
     meta = json.loads((model / "dreamlite.json").read_text())
     assert meta["prediction"] == "flow" and "schedule" not in meta and meta["sampler"]["steps"] == 2
