@@ -1,8 +1,12 @@
 """shapes teacher -> shapes-mobile with each importance criterion: the pruned-but-untrained student's denoising loss
 on held-out data (the teacher's epsilon objective, unweighted, timesteps spread over the schedule), its output
-deviation from the teacher, and its GenEval-style score; the teacher's own loss and score for reference.
+deviation from the teacher, and its GenEval-style score; the teacher's own loss and score for reference. With
+``--recover-steps N``, also what the inherited weights are worth: each student then trains N distilled
+text-to-image steps (same batches for every criterion) and its held-out flow loss is measured
+(``compress/distill/heldout.py``).
 
-    python benchmarks/prune_criteria.py [--teacher zoo:shapes-server] [--n-per-tag 10] [--calib 4] [--json out.json]
+    python benchmarks/prune_criteria.py [--teacher zoo:shapes-server] [--n-per-tag 10] [--calib 4] \
+        [--recover-steps 300] [--json out.json]
 
 Held-out batches use a seed no calibration batch uses. The student samples as its teacher does (epsilon, DDIM, the
 teacher's schedule and guidance), generating beside a blank (its in-context width).
@@ -14,11 +18,16 @@ from pathlib import Path
 
 import torch
 
+from dreamlite.compress.distill import Phase, recover
+from dreamlite.compress.distill.heldout import held_out_losses
 from dreamlite.compress.prune.importance import CRITERIA
 from dreamlite.compress.prune.target import PassSettings, calibration_batches, prune_to_target, unet_call
 from dreamlite.evaluation.model_bench import bench_gen
 from dreamlite.models.bundle import load_bundle
+from dreamlite.models.presets import build
+from dreamlite.data import ShapesData
 from dreamlite.models.sampler import default_settings
+from dreamlite.train import TrainSettings
 
 HELD_OUT_SEED = 987_654
 
@@ -33,10 +42,21 @@ def denoising_loss(bundle, batches) -> float:
 
 
 def score(bundle, n_per_tag: int, seed: int, folder: Path) -> dict:
+    if not n_per_tag:
+        return {}
     s = default_settings(bundle)
     s.seed = seed
     summary = bench_gen(bundle, folder, n_per_tag, 1, s, seed)
     return {"overall": round(summary["overall"], 3), "per_tag": {k: round(v, 2) for k, v in summary["per_tag"].items()}}
+
+
+def recovered_loss(student, teacher, steps: int, folder: Path) -> float:
+    """Held-out text-to-image flow loss after ``steps`` distilled text-to-image steps (batch 16, lr 1e-3)."""
+    torch.manual_seed(0)
+    train = TrainSettings(steps=steps, batch=16, lr=1e-3, warmup=steps // 10, checkpoint_every=steps, log_every=steps)
+    recover(student, teacher, [Phase(task="t2i", train=train)], folder, ShapesData(student.image_size), seed=0,
+            log=lambda *_: None)
+    return held_out_losses(student, ShapesData(student.image_size))["t2i"]["mean"]
 
 
 def main():
@@ -49,6 +69,8 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--random-seeds", type=int, default=4,
                     help="random-criterion draws, on the same calibration batches (the control's spread)")
+    ap.add_argument("--recover-steps", type=int, default=0, help="distilled text-to-image steps before a second "
+                    "held-out loss (0: none)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -69,8 +91,17 @@ def main():
             rows[row] = {"loss": round(denoising_loss(student, held_out), 4),
                          "deviation": report["relative_output_deviation"],
                          **score(student, a.n_per_tag, a.seed, Path(tmp) / f"{c}-{seed}-bench")}
+            if a.recover_steps:
+                rows[row]["recovered_t2i_loss"] = round(recovered_loss(student, teacher, a.recover_steps,
+                                                                       Path(tmp) / f"{c}-{seed}-train"), 4)
             print(row, rows[row], flush=True)
         rows["random-init"] = {"deviation": report["relative_output_deviation_random_init"]}
+        if a.recover_steps:  # the same architecture from random weights: what inheriting is worth at all
+            fresh = load_bundle(str(folder))
+            fresh.unet = build(dict(fresh.unet.config), type(fresh.unet).__name__, seed=0)
+            rows["random-init"]["recovered_t2i_loss"] = round(
+                recovered_loss(fresh, teacher, a.recover_steps, Path(tmp) / "random-init-train"), 4)
+        print("random-init", rows["random-init"], flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 

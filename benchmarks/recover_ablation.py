@@ -9,7 +9,8 @@ judged on the same fresh GenEval-style and ImgEdit-style benchmarks, and measure
         --steps 900 --batch 16 --lr 1e-3 --n 10 --out runs/ablation [--only progressive,joint-only]
 
 Writes OUT/results.json and OUT/results.md (the table pasted into docs/recovery.md); each variant's training folder
-is kept under OUT/<variant>/ so an interrupted run resumes where it stopped.
+is kept under OUT/<variant>/train, so an interrupted run resumes where it stopped, and its model under
+OUT/<variant>/model.
 """
 import argparse
 import json
@@ -57,6 +58,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--n", type=int, default=20, help="prompts per tag and edits per type")
     ap.add_argument("--seed", type=int, default=31)
+    ap.add_argument("--sigma-sampling", choices=["logit-normal", "uniform"], default="logit-normal")
+    ap.add_argument("--shift", type=float, default=1.0, help="training sigma shift (> 1: more high-noise steps)")
     ap.add_argument("--only", help="comma-separated variants")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -73,9 +76,10 @@ def main():
         student = load_bundle(a.student)
         torch.manual_seed(0)
         train = recover(student, teacher, phases(VARIANTS[name], a.steps, a.batch, a.lr), out / name / "train",
-                        ShapesData(student.image_size), seed=0)
+                        ShapesData(student.image_size), seed=0, sigma_sampling=a.sigma_sampling, shift=a.shift)
         losses = held_out_losses(student, ShapesData(student.image_size))
         student.prediction = "flow"
+        student.save_pretrained(out / name / "model", stage="recover", parent=a.student, variant=name)
         s = default_settings(student)
         s.seed = a.seed
         gen = bench_gen(student, out / name / "gen", a.n, 1, s, a.seed)
@@ -89,7 +93,8 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     p = results["pruned"]
-    lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}; {a.n} prompts per tag, {a.n} edits per type, seed "
+    lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}, {a.sigma_sampling} sigmas, shift {a.shift}; "
+             f"{a.n} prompts per tag, {a.n} edits per type, seed "
              f"{a.seed}. Held-out losses of the pruned student before training: t2i {p['t2i']:.4f}, edit "
              f"{p['edit']:.4f}, source gain {p['source_gain']:.4f}.",
              "", "| variant | GenEval-style | ImgEdit-style | worst edit type | held-out t2i loss | held-out edit loss "
