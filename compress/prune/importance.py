@@ -16,7 +16,8 @@ NEEDS_DATA = ("taylor", "activation")
 
 
 def criterion(name: str):
-    """Register an importance factory under ``name`` (recipes, the CLI and the API all read this registry)."""
+    """Register an importance factory under ``name``: ``make_importance`` and ``prune_width`` take it by name (the
+    recipe schema and the CLI offer the four built in, ``CRITERIA``)."""
     def register(factory):
         FACTORIES[name] = factory
         return factory
@@ -33,8 +34,6 @@ def _magnitude():
 def _taylor():
     import torch_pruning as tp
     return tp.importance.TaylorImportance()
-
-
 
 
 @criterion("activation")
@@ -87,7 +86,7 @@ CRITERIA = tuple(FACTORIES)  # ("magnitude", "taylor", "activation", "random")
 
 def make_importance(name: str):
     if name not in FACTORIES:
-        raise DreamliteError(f"importance: unknown criterion {name!r} (expected one of {', '.join(CRITERIA)})")
+        raise DreamliteError(f"importance: unknown criterion {name!r} (expected one of {', '.join(FACTORIES)})")
     return FACTORIES[name]()
 
 

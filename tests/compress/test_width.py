@@ -138,6 +138,27 @@ def test_criteria_choose_differently():
     assert not torch.equal(picks["magnitude"], picks["random"])
 
 
+def test_a_registered_criterion_is_used_by_name(monkeypatch):
+    import torch_pruning as tp
+    from dreamlite.compress.prune import importance as registry
+
+    monkeypatch.setattr(registry, "FACTORIES", dict(registry.FACTORIES))  # the test's registration does not leak
+    calls = []
+
+    @registry.criterion("first-channels")  # keeps the lowest-index channels: score falls with the index
+    class FirstChannels(tp.importance.MagnitudeImportance):
+        def __call__(self, group):
+            calls.append(len(group))
+            n = len(group[0][1])
+            return torch.arange(n, 0, -1).float()
+
+    torch.manual_seed(0)
+    model, inputs = mlp()
+    kept = model[0].weight.detach().clone()
+    prune_width(model, 0.5, inputs, "first-channels")
+    assert calls and torch.equal(model[0].weight, kept[: model[0].weight.shape[0]])
+
+
 def test_bad_input():
     model, inputs = mlp()
     with pytest.raises(DreamliteError, match="ratio 1.5"):
