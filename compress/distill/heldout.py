@@ -22,14 +22,16 @@ HELD_OUT_SEED = 9_000_017  # far from any recipe's training seeds (training draw
 
 @torch.no_grad()
 def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: int = HELD_OUT_SEED,
-                    batch: int = 16) -> dict:
+                    batch: int = 16, tasks=("t2i", "edit")) -> dict:
     """{"t2i", "edit", "edit_without_source", "source_gain"}: each {"mean": float, "per_sigma": {sigma: float}},
     over ``n`` text-to-image and ``n`` editing samples drawn from ``data`` with ``seed``. The student is
-    ``bundle.unet`` (in-context width required for the editing rows); it is put back in its training mode after."""
+    ``bundle.unet``; the editing rows need in-context width and ``"edit"`` in ``tasks`` (data without edit triplets
+    leaves it out), the text-to-image row ``"t2i"``. The U-Net is put back in its training mode after."""
     rng = np.random.default_rng([seed, 0])
     gen = torch.Generator().manual_seed(seed)
-    images, captions = data.t2i(rng, n)
-    sources, targets, prompts = data.edit(rng, n) if bundle.in_context else ([], [], [])
+    images, captions = data.t2i(rng, n) if "t2i" in tasks else ([], [])
+    edits = bundle.in_context and "edit" in tasks
+    sources, targets, prompts = data.edit(rng, n) if edits else ([], [], [])
     unet, was_training = bundle.unet, bundle.unet.training
     unet.eval()
     size = bundle.image_size
@@ -45,10 +47,11 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
         return torch.cat(out).mean().item()
 
     rows = {}
-    x0 = bundle.codec.encode(images_to_tensor(images))
-    noise = torch.randn(x0.shape, generator=gen)
-    rows["t2i"] = [loss(x0, torch.zeros_like(x0), bundle.text.encode(captions), noise, s) for s in sigmas]
-    if bundle.in_context:
+    if images:
+        x0 = bundle.codec.encode(images_to_tensor(images))
+        noise = torch.randn(x0.shape, generator=gen)
+        rows["t2i"] = [loss(x0, torch.zeros_like(x0), bundle.text.encode(captions), noise, s) for s in sigmas]
+    if edits:
         x0, src = bundle.codec.encode(images_to_tensor(targets)), bundle.codec.encode(images_to_tensor(sources))
         noise, text = torch.randn(x0.shape, generator=gen), bundle.text.encode(prompts)
         rows["edit"] = [loss(x0, src, text, noise, s) for s in sigmas]

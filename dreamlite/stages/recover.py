@@ -48,13 +48,14 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher
     teacher = load_bundle(spec) if spec else None
     data = data_source(cfg.data, student.image_size)
-    before = held_out_losses(student, data) if ctx.main else None
+    tasks = {t for p in cfg.phases for t in (("t2i", "edit") if p.task == "joint" else (p.task,))}  # what data has
+    before = held_out_losses(student, data, tasks=tasks) if ctx.main else None
     torch.manual_seed(ctx.seed)  # the feature projections' initialisation
     phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data, ctx.seed, cfg.sigma_sampling, cfg.shift,
                      ctx.track, ctx.log)
     held_out = {}
     if ctx.main:
-        after = held_out_losses(student, data)
+        after = held_out_losses(student, data, tasks=tasks)
         names = {"t2i": "held_out_t2i_loss", "edit": "held_out_edit_loss", "source_gain": "source_gain"}
         held_out = {name: after[k]["mean"] for k, name in names.items() if k in after}
         held_out["held_out"] = {"before": before, "after": after}

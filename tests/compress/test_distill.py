@@ -226,3 +226,15 @@ def test_held_out_losses_of_a_model_without_context_width_are_text_to_image_only
 
     out = held_out_losses(tiny_bundle("shapes-server"), ShapesData(), n=2, sigmas=(0.5,))
     assert set(out) == {"t2i"} and out["t2i"]["mean"] > 0
+
+
+def test_held_out_losses_read_only_the_tasks_the_data_has(tmp_path):
+    from PIL import Image
+
+    from dreamlite.compress.distill.heldout import held_out_losses
+    from dreamlite.data import FolderData
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "a.png")
+    (tmp_path / "t2i.jsonl").write_text('{"image": "a.png", "caption": "a red circle"}\n')  # no edit triplets
+    out = held_out_losses(tiny_bundle("shapes-mobile"), FolderData(tmp_path, 64), n=2, sigmas=(0.5,), tasks={"t2i"})
+    assert set(out) == {"t2i"}
