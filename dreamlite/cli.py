@@ -346,7 +346,8 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
         dev = report.get("relative_output_deviation")
         console.print(f"{report['teacher_parameters']:,} -> {report['parameters']:,} parameters, "
                       f"{report['teacher_macs_per_call'] / 1e9:.2f} -> {report['macs_per_call'] / 1e9:.2f} GMACs"
-                      + (f", output deviation {dev:.3f} (random init "
+                      + (f", output deviation {dev:.3f} on the calibration batches, "
+                         f"{report['relative_output_deviation_held_out']:.3f} held out (random init "
                          f"{report['relative_output_deviation_random_init']:.3f})" if dev is not None else "")
                       + f" -> {out}")
         return

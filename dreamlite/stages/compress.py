@@ -95,7 +95,7 @@ def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
     report = prune_to_target(teacher, cfg.target, ctx.dir / "model", cfg.importance, cfg.calib, ctx.seed,
                              say=ctx.log, params=cfg.params, macs=cfg.macs, passes=cfg.pass_settings())
     keys = ("teacher_parameters", "parameters", "teacher_macs_per_call", "macs_per_call", "relative_output_deviation",
-            "relative_output_deviation_random_init")
+            "relative_output_deviation_held_out", "relative_output_deviation_random_init")
     return {k: report[k] for k in keys if k in report}
 
 

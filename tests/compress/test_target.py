@@ -152,6 +152,7 @@ def test_cli_prunes_a_folder_to_a_config_file_and_the_result_samples(tiny_folder
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "student" / "dreamlite.json").read_text())
     assert meta["pruning"]["importance"] == "taylor" and "relative_output_deviation" in meta["pruning"]
+    assert meta["pruning"]["relative_output_deviation_held_out"] > 0 and "held out" in r.output
     # untrained, it still predicts what its teacher predicts, on the teacher's schedule
     assert meta["prediction"] == "epsilon" and meta["schedule"] == "sdxl" and meta["in_context"]
     r = invoke("sample", "--model", tmp_path / "student", "--prompt", "a red circle", "--steps", 2,
