@@ -22,10 +22,10 @@ from dreamlite.compress.distill import Phase, recover
 from dreamlite.compress.distill.heldout import held_out_losses
 from dreamlite.compress.prune.importance import CRITERIA
 from dreamlite.compress.prune.target import PassSettings, calibration_batches, prune_to_target, unet_call
+from dreamlite.data import ShapesData
 from dreamlite.evaluation.model_bench import bench_gen
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.presets import build
-from dreamlite.data import ShapesData
 from dreamlite.models.sampler import default_settings
 from dreamlite.train import TrainSettings
 
