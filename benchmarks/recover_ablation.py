@@ -87,7 +87,9 @@ def main():
         results[name] = {"gen": round(gen["overall"], 3), "edit": round(edit["overall"], 2),
                          "edit_min_type": round(min(v["overall"] for v in edit["per_type"].values()), 2),
                          "held_out_t2i": losses["t2i"]["mean"], "held_out_edit": losses["edit"]["mean"],
-                         "source_gain": losses["source_gain"]["mean"], "final_loss": train[-1]["final_loss"],
+                         "source_gain": losses["source_gain"]["mean"],
+                         "source_gain_at_1": losses["source_gain"]["per_sigma"]["1.0"],
+                         "edit_at_1": losses["edit"]["per_sigma"]["1.0"], "final_loss": train[-1]["final_loss"],
                          "held_out": losses}
         print(name, results[name], flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,13 @@ def main():
     lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}, {a.sigma_sampling} sigmas, shift {a.shift}; "
              f"{a.n} prompts per tag, {a.n} edits per type, seed "
              f"{a.seed}. Held-out losses of the pruned student before training: t2i {p['t2i']:.4f}, edit "
-             f"{p['edit']:.4f}, source gain {p['source_gain']:.4f}.",
+             f"{p['edit']:.4f}, source gain {p['source_gain']:.4f}; copying the source at sigma 1: "
+             f"{p.get('copy_source', float('nan')):.4f}.",
              "", "| variant | GenEval-style | ImgEdit-style | worst edit type | held-out t2i loss | held-out edit loss "
-             "| source gain |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| source gain | source gain at sigma 1 | edit loss at sigma 1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {k} | {v['gen']:.3f} | {v['edit']:.2f} | {v['edit_min_type']:.2f} | {v['held_out_t2i']:.4f} "
-              f"| {v['held_out_edit']:.4f} | {v['source_gain']:.4f} |" for k, v in results.items() if k != "pruned"]
+              f"| {v['held_out_edit']:.4f} | {v['source_gain']:.4f} | {v.get('source_gain_at_1', float('nan')):.4f} "
+              f"| {v.get('edit_at_1', float('nan')):.4f} |" for k, v in results.items() if k != "pruned"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -212,6 +212,8 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
     assert list(recover["phases"]) == ["1-t2i", "2-edit", "3-joint"] and recover["steps"] == 3
     before, after = recover["held_out"]["before"], recover["held_out"]["after"]
     assert after["t2i"]["mean"] == recover["held_out_t2i_loss"] and set(after) == set(before) >= {"edit", "source_gain"}
+    assert recover["edit_loss_at_sigma_1"] == after["edit"]["per_sigma"]["1.0"]
+    assert recover["copy_source_loss"] == before["copy_source"]["mean"] > 0  # the same edits before and after
     model = tmp_path / "run/02-recover/model"
     meta = json.loads((model / "dreamlite.json").read_text())
     assert meta["prediction"] == "flow" and "schedule" not in meta and meta["sampler"]["steps"] == 2

@@ -4,7 +4,10 @@ judge cannot give while samples are still poor (the judge scores near its floor 
 On a fixed held-out set (the same samples and noise for every model), at fixed sigmas: the velocity loss
 ``|v - (eps - x0)|^2`` for text-to-image (cond = zeros) and for editing (cond = the source latent), and the editing
 loss again with the source replaced by zeros. ``source_gain`` = loss without the source - loss with it: how much the
-student reads the context beside the target (0: it ignores the source and edits by guessing).
+student reads the context beside the target (0: it ignores the source and edits by guessing). The source matters
+where the noisy target no longer shows the layout: on the shapes world only above sigma 0.9, so the grid starts at
+1, where sampling starts. ``copy_source`` is the loss at sigma 1 of the predictor that returns the source as the
+clean image (the mean squared source-target difference): an editor that reads its source well beats it there.
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ from dreamlite.models.conditioning import unet_inputs
 
 from .flow import flow_noise, flow_timestep, flow_velocity
 
-SIGMAS = (0.9, 0.7, 0.5, 0.3, 0.1)
+SIGMAS = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1)
 HELD_OUT_SEED = 9_000_017  # far from any recipe's training seeds (training draws from (seed, step, phase))
 
 
 @torch.no_grad()
 def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: int = HELD_OUT_SEED,
                     batch: int = 16, tasks=("t2i", "edit")) -> dict:
-    """{"t2i", "edit", "edit_without_source", "source_gain"}: each {"mean": float, "per_sigma": {sigma: float}},
+    """{"t2i", "edit", "edit_without_source", "source_gain", "copy_source"}: each {"mean": float,
+    "per_sigma": {sigma: float}} (``copy_source`` at sigma 1 only),
     over ``n`` text-to-image and ``n`` editing samples drawn from ``data`` with ``seed``. The student is
     ``bundle.unet``; the editing rows need in-context width and ``"edit"`` in ``tasks`` (data without edit triplets
     leaves it out), the text-to-image row ``"t2i"``. The U-Net is put back in its training mode after."""
@@ -58,5 +62,9 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
         rows["edit_without_source"] = [loss(x0, torch.zeros_like(src), text, noise, s) for s in sigmas]
         rows["source_gain"] = [a - b for a, b in zip(rows["edit_without_source"], rows["edit"])]
     unet.train(was_training)
-    return {k: {"mean": round(float(np.mean(v)), 5), "per_sigma": {str(s): round(x, 5) for s, x in zip(sigmas, v)}}
-            for k, v in rows.items()}
+    out = {k: {"mean": round(float(np.mean(v)), 5), "per_sigma": {str(s): round(x, 5) for s, x in zip(sigmas, v)}}
+           for k, v in rows.items()}
+    if edits:  # at sigma 1 the input is pure noise: x0 = source gives the velocity error (target - source)
+        copy = round((x0 - src).pow(2).mean().item(), 5)
+        out["copy_source"] = {"mean": copy, "per_sigma": {"1.0": copy}}
+    return out

@@ -1,3 +1,6 @@
+import dataclasses
+import types
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -214,11 +217,34 @@ def test_held_out_losses_are_fixed_per_model_and_measure_the_source():
     assert a.unet.training  # put back as it was
     assert held_out_losses(a, ShapesData(), n=4, sigmas=(0.8, 0.2)) == first  # same samples, same noise
     assert held_out_losses(b, ShapesData(), n=4, sigmas=(0.8, 0.2))["t2i"] != first["t2i"]
-    assert set(first) == {"t2i", "edit", "edit_without_source", "source_gain"}
+    assert set(first) == {"t2i", "edit", "edit_without_source", "source_gain", "copy_source"}
     for s in ("0.8", "0.2"):
         gain = first["edit_without_source"]["per_sigma"][s] - first["edit"]["per_sigma"][s]
         assert first["source_gain"]["per_sigma"][s] == pytest.approx(gain, abs=2e-5)
     assert first["source_gain"]["mean"] != 0  # a random in-context U-Net already reads its context half
+
+
+class _CopySource(torch.nn.Module):
+    """A "U-Net" that predicts the source as the clean image: velocity ``x_s - source`` at sigma 1."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, x, t, **kwargs):
+        w = x.shape[-1] // 2
+        return types.SimpleNamespace(sample=torch.cat([x[..., :w] - x[..., w:], x[..., w:]], -1))
+
+
+def test_copy_source_is_the_sigma_1_loss_of_copying_the_source():
+    from dreamlite.compress.distill.heldout import held_out_losses
+
+    student = tiny_bundle("shapes-mobile")
+    copier = dataclasses.replace(student, unet=_CopySource(student.unet.config))
+    out = held_out_losses(copier, ShapesData(), n=4, sigmas=(1.0,))
+    assert out["copy_source"]["mean"] == pytest.approx(out["edit"]["per_sigma"]["1.0"], rel=1e-4)
+    assert 0 < out["copy_source"]["mean"] < out["edit_without_source"]["mean"]  # edits change little of the image
+    assert held_out_losses(student, ShapesData(), n=4, sigmas=(1.0,))["copy_source"] == out["copy_source"]
 
 
 def test_held_out_losses_of_a_model_without_context_width_are_text_to_image_only():
