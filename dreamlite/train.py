@@ -25,6 +25,8 @@ from .io import DreamliteError, atomic_path, identity_track
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}  # what `accelerate launch` sets for sharded modes
 
 
 class TrainSettings(BaseModel):
@@ -145,6 +147,18 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- the loop
+def check_launch() -> None:
+    """Refuse launch modes that shard parameters (``accelerate launch --use_fsdp`` / DeepSpeed) before they start:
+    the loop's checkpoints and EMA read whole parameters in every process, so sharded runs would save one shard."""
+    from accelerate.utils import parse_flag_from_env
+
+    for var, name in SHARDED_LAUNCH.items():
+        if parse_flag_from_env(var):
+            raise DreamliteError(f"accelerate: {name} is not supported by the training loop (its checkpoints and "
+                                 "EMA hold whole parameters in every process); launch with DDP (--multi_gpu) or one "
+                                 "process")
+
+
 def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folder, track=identity_track,
         log: Callable[[str], None] = print, description: str = "train") -> dict:
     """Train ``task`` for ``s.steps`` optimizer steps, resuming from ``folder/checkpoint.safetensors`` if present.
@@ -155,6 +169,7 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    check_launch()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if s.precision == "bf16" else "no")
     parts = s.accumulate * acc.num_processes
     if s.batch % parts:

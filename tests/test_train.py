@@ -70,6 +70,16 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / CHECKPOINT).is_file()
 
 
+@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_launches_are_refused_before_training(tmp_path, monkeypatch, var, name):
+    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; the loop would checkpoint one shard of each tensor."""
+    monkeypatch.setenv(var, "true")
+    s = TrainSettings(steps=2, batch=1, warmup=0)
+    with pytest.raises(DreamliteError, match=f"accelerate: {name} is not supported.*DDP"):
+        fit(Exploding(), lambda step: {"x": torch.tensor([1.0])}, s, tmp_path, log=lambda m: None)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
 def test_offset_noise_shifts_each_image_by_one_colour():
     from dreamlite.models.codec import PixelUnshuffleCodec
     from dreamlite.models.teacher import offset_noise
