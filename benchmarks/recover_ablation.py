@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--sigma-sampling", choices=["logit-normal", "uniform"], default="logit-normal")
     ap.add_argument("--shift", type=float, default=1.0, help="training sigma shift (> 1: more high-noise steps)")
+    ap.add_argument("--edit-shift", type=float, help="editing samples' sigma shift (default: --shift)")
     ap.add_argument("--only", help="comma-separated variants")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -76,7 +77,8 @@ def main():
         student = load_bundle(a.student)
         torch.manual_seed(0)
         train = recover(student, teacher, phases(VARIANTS[name], a.steps, a.batch, a.lr), out / name / "train",
-                        ShapesData(student.image_size), seed=0, sigma_sampling=a.sigma_sampling, shift=a.shift)
+                        ShapesData(student.image_size), seed=0, sigma_sampling=a.sigma_sampling, shift=a.shift,
+                        edit_shift=a.edit_shift)
         losses = held_out_losses(student, ShapesData(student.image_size))
         student.prediction = "flow"
         student.save_pretrained(out / name / "model", stage="recover", parent=a.student, variant=name)
@@ -95,7 +97,8 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     p = results["pruned"]
-    lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}, {a.sigma_sampling} sigmas, shift {a.shift}; "
+    lines = [f"Equal steps: {a.steps} x batch {a.batch}, lr {a.lr}, {a.sigma_sampling} sigmas, shift {a.shift}, "
+             f"editing shift {a.shift if a.edit_shift is None else a.edit_shift}; "
              f"{a.n} prompts per tag, {a.n} edits per type, seed "
              f"{a.seed}. Held-out losses of the pruned student before training: t2i {p['t2i']:.4f}, edit "
              f"{p['edit']:.4f}, source gain {p['source_gain']:.4f}; copying the source at sigma 1: "

@@ -28,7 +28,12 @@ def sample_sigmas(n: int, generator: torch.Generator, kind: SigmaSampling = "log
         s = torch.rand(n, generator=generator)
     else:
         s = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
-    s = s.clamp(1e-4, 1 - 1e-4)
+    return shift_sigmas(s.clamp(1e-4, 1 - 1e-4), shift)
+
+
+def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The resolution shift ``shift s / (1 + (shift - 1) s)`` (SD3): keeps 0 and 1, moves the rest toward 1 for
+    ``shift`` > 1; the signal-to-noise ratio ``((1 - s) / s)^2`` is divided by ``shift^2``."""
     return shift * s / (1 + (shift - 1) * s)
 
 

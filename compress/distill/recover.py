@@ -24,7 +24,8 @@ from dreamlite.train import fit
 
 from .config import LossWeights, Phase
 from .features import FeatureProjector, Taps, matching_blocks
-from .flow import EpsilonToFlow, SigmaSampling, flow_noise, flow_timestep, flow_velocity, sample_sigmas
+from .flow import (EpsilonToFlow, SigmaSampling, flow_noise, flow_timestep, flow_velocity, sample_sigmas,
+                   shift_sigmas)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class BatchSpec:
     image_dropout: float = 0.05  # editing: zero source latent (and, with the text also dropped, the unconditional)
     sigma_sampling: SigmaSampling = "logit-normal"
     shift: float = 1.0
+    edit_shift: float | None = None  # editing samples' shift (None: ``shift``); the source matters at high noise
 
 
 def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, latent_shape: tuple[int, int, int],
@@ -50,7 +52,9 @@ def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, laten
     prompts = ["" if rng.random() < spec.text_dropout else p for p in prompts]
     keep = torch.tensor([float(rng.random() >= spec.image_dropout) for _ in range(spec.edit)])
     n = spec.t2i + spec.edit
-    sigmas = sample_sigmas(n, gen, spec.sigma_sampling, spec.shift)
+    base = sample_sigmas(n, gen, spec.sigma_sampling)
+    edit_shift = spec.shift if spec.edit_shift is None else spec.edit_shift
+    sigmas = torch.cat([shift_sigmas(base[:spec.t2i], spec.shift), shift_sigmas(base[spec.t2i:], edit_shift)])
     noise = torch.randn((n, *latent_shape), generator=gen)
     return {"t2i_images": images_to_tensor(images), "t2i_captions": captions, "t2i_noise": noise[:spec.t2i],
             "t2i_sigma": sigmas[:spec.t2i], "edit_source": images_to_tensor(sources),
@@ -201,11 +205,12 @@ def _text_differs(a, b) -> bool:
 
 
 def recover(student, teacher, phases: list[Phase], folder, data: DataSource, seed: int = 0,
-            sigma_sampling: SigmaSampling = "logit-normal", shift: float = 1.0, track=identity_track,
-            log=print) -> list[dict]:
+            sigma_sampling: SigmaSampling = "logit-normal", shift: float = 1.0, edit_shift: float | None = None,
+            track=identity_track, log=print) -> list[dict]:
     """Train the ``student`` Bundle in place through ``phases`` in order (each resumes from its own checkpoint in
     ``folder/NN-task``), distilling from the ``teacher`` Bundle (or None). The student's parameters end as the last
-    phase's EMA. Returns one training summary per phase."""
+    phase's EMA. ``shift`` / ``edit_shift``: the training sigmas' shift for text-to-image / editing samples
+    (``edit_shift`` None: the same). Returns one training summary per phase."""
     check_pair(student, teacher, any(p.task != "t2i" for p in phases))
     wants_teacher = any(p.weights.output or p.weights.feature for p in phases if p.task != "edit")
     task = RecoverTask(student.unet, student.text, student.codec, student.image_size, student.in_context,
@@ -217,7 +222,7 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     try:
         for i, phase in enumerate(phases):
             spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
-                             sigma_sampling, shift)
+                             sigma_sampling, shift, edit_shift)
             task.weights = phase.weights
             if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
                 task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")

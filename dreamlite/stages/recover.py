@@ -22,6 +22,8 @@ class RecoverStage(StageConfig):
     phases: list[Phase] = Field(min_length=1, description="sub-stages in order: t2i, edit, joint")
     sigma_sampling: Literal["uniform", "logit-normal"] = "logit-normal"
     shift: float = Field(1.0, gt=0, description="sigma shift s' = shift s / (1 + (shift - 1) s)")
+    edit_shift: float | None = Field(None, gt=0, description="editing samples' sigma shift (default: shift); the "
+                                     "source only helps where the noisy target hides the layout, at high noise")
     save_dtype: Literal["fp32", "fp16"] = "fp32"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
@@ -54,7 +56,7 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     before = held_out_losses(student, data, tasks=tasks) if ctx.main else None
     torch.manual_seed(ctx.seed)  # the feature projections' initialisation
     phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data, ctx.seed, cfg.sigma_sampling, cfg.shift,
-                     ctx.track, ctx.log)
+                     cfg.edit_shift, track=ctx.track, log=ctx.log)
     held_out = {}
     if ctx.main:
         after = held_out_losses(student, data, tasks=tasks)

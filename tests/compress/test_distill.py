@@ -95,6 +95,19 @@ def test_batches_are_pure_functions_of_seed_and_step_and_split_by_task():
     assert dropped["edit_keep_source"].sum() == 0
 
 
+def test_editing_samples_take_their_own_sigma_shift():
+    from dreamlite.compress.distill.flow import shift_sigmas
+
+    s = torch.linspace(0, 1, 11)
+    assert shift_sigmas(s, 1.0).equal(s) and shift_sigmas(s, 4.0)[[0, -1]].tolist() == [0.0, 1.0]
+    assert (shift_sigmas(s, 4.0)[1:-1] > s[1:-1]).all()  # more noise everywhere in between
+    spec = BatchSpec(t2i=3, edit=5, caption_dropout=0.0, text_dropout=0.0, image_dropout=0.0)
+    same, shifted = (recover_batch(ShapesData(), dataclasses.replace(spec, edit_shift=k), 5, 9, LATENT) for k in (None, 4.0))
+    assert torch.equal(same["t2i_sigma"], shifted["t2i_sigma"])  # text-to-image samples untouched
+    assert torch.allclose(shifted["edit_sigma"], shift_sigmas(same["edit_sigma"], 4.0))
+    assert torch.equal(same["edit_noise"], shifted["edit_noise"]) and same["edit_prompts"] == shifted["edit_prompts"]
+
+
 def test_phase_counts_and_joint_split():
     s = TrainSettings(steps=1, batch=8, accumulate=2)
     assert Phase(task="joint", train=s, edit_fraction=0.25).counts() == (6, 2)
