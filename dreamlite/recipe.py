@@ -156,9 +156,53 @@ def stage_name(st: StageConfig) -> str:
     return st.name or st.kind
 
 
-def _fingerprint(st: StageConfig, before: str) -> str:
-    blob = json.dumps({"before": before, "stage": st.model_dump(mode="json")}, sort_keys=True)
+def _fingerprint(config: dict, before: str) -> str:
+    """A stage's settings chained over the fingerprints of the stages before it."""
+    blob = json.dumps({"before": before, "stage": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _unchanged(folder: Path, st: StageConfig, previous: str, seed: int) -> str:
+    """The fingerprint a finished or interrupted stage in ``folder`` continues the chain with; raises if the recipe
+    changed it (or a stage before it, or its seed) since it ran."""
+    done = read_json(folder / "stage.json") if (folder / "stage.json").is_file() else {}
+    stored = done.get("config")
+    current = _fingerprint(st.model_dump(mode="json"), previous)
+    same = done.get("fingerprint") == current or (  # or: written before the schema gained a field, still at default
+        isinstance(stored, dict) and _fingerprint(stored, previous) == done.get("fingerprint")
+        and same_settings(st, stored))
+    if not same or done.get("seed", seed) != seed:
+        state = "finished" if (folder / "metrics.json").is_file() else "started"
+        raise DreamliteError(f"{folder}: {state} with a different recipe (stage {stage_name(st)!r}, one before it, or "
+                             f"the seed changed); run with --restart or choose another --out")
+    return done["fingerprint"]
+
+
+def _json(value):
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else json.loads(json.dumps(value))
+
+
+def same_settings(current: BaseModel, stored) -> bool:
+    """``current`` (a validated config) equals ``stored`` (its JSON dump from an earlier run), except for fields the
+    schema gained since, which must still hold their defaults: upgrading dreamlite does not invalidate finished
+    stages, changing a setting does."""
+    if not isinstance(stored, dict):
+        return False
+    for name, field in type(current).model_fields.items():
+        value = getattr(current, name)
+        if name not in stored:
+            if _json(value) != _json(field.get_default(call_default_factory=True)):
+                return False
+        elif isinstance(value, BaseModel):
+            if not same_settings(value, stored[name]):
+                return False
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            if not isinstance(stored[name], list) or len(stored[name]) != len(value) or not all(
+                    same_settings(v, o) for v, o in zip(value, stored[name])):
+                return False
+        elif _json(value) != stored[name]:
+            return False
+    return set(stored) <= set(type(current).model_fields)
 
 
 def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, log=print) -> dict:
@@ -181,17 +225,17 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
         name = stage_name(st)
         folder = out / f"{i + 1:02d}-{name}"
         work = folder.with_name(folder.name + ".partial")
-        before = _fingerprint(st, before)
         seed = st.seed if st.seed is not None else recipe.seed + i
         if (folder / "metrics.json").is_file():
+            before = _unchanged(folder, st, before, seed)
             done = read_json(folder / "stage.json")
-            if done.get("fingerprint") != before:
-                raise DreamliteError(f"{folder}: finished with a different recipe (stage {name!r} or one before it "
-                                     f"changed); run with --restart or choose another --out")
             log(f"[{i + 1}/{len(recipe.stages)}] {name}: done earlier, skipped")
             rows.append(done | {"metrics": read_json(folder / "metrics.json")})
             outputs[name] = folder
             continue
+        if (work / "stage.json").is_file():  # interrupted: it resumes only with the settings it started with
+            _unchanged(work, st, before, seed)
+        before = _fingerprint(st.model_dump(mode="json"), before)
         log(f"[{i + 1}/{len(recipe.stages)}] {name} ({st.kind}){': resuming' if work.exists() else ''}")
         info = {"folder": folder.name, "kind": st.kind, "name": name, "fingerprint": before, "seed": seed,
                 "config": st.model_dump(mode="json")}

@@ -76,6 +76,44 @@ def test_interrupted_stage_continues_and_changed_recipe_is_refused(tmp_path):
         run_recipe(write(tmp_path, changed), out, log=lambda m: None)
     report = run_recipe(write(tmp_path, changed), out, restart=True, log=lambda m: None)
     assert report["stages"][0]["metrics"]["prompts"] == 12
+    reseeded = changed | {"seed": 4}
+    with pytest.raises(DreamliteError, match="01-gen: finished with a different recipe.*seed"):
+        run_recipe(write(tmp_path, reseeded), out, log=lambda m: None)
+
+
+def test_stages_finished_before_the_schema_gained_a_field_are_still_done(tmp_path):
+    """A run written by an older dreamlite (whose stage configs lacked fields added since, at their defaults) is
+    resumed, not refused; a new field set away from its default is a change."""
+    from dreamlite.recipe import _fingerprint
+
+    recipe, out = write(tmp_path, TINY), tmp_path / "run"
+    run_recipe(recipe, out, log=lambda m: None)
+    before = ""
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):  # rewrite the run as the older version would have
+        info = json.loads((folder / "stage.json").read_text())
+        info["config"].pop("render", None)  # a top-level field, and a nested one
+        info["config"].get("perturb", {}).pop("jpeg", None)
+        info["fingerprint"] = before = _fingerprint(info["config"], before)
+        (folder / "stage.json").write_text(json.dumps(info))
+    logs = []
+    run_recipe(recipe, out, log=logs.append)
+    assert sum("skipped" in m for m in logs) == 4
+    for field, value in (("render", False), ("perturb", {"jpeg": 50})):
+        changed = json.loads(json.dumps(TINY))
+        changed["stages"][2][field] = value
+        with pytest.raises(DreamliteError, match="03-edit: finished with a different recipe"):
+            run_recipe(write(tmp_path, changed), out, log=lambda m: None)
+
+
+def test_an_interrupted_stage_resumes_only_with_the_settings_it_started_with(tmp_path):
+    recipe, out = write(tmp_path, TINY), tmp_path / "run"
+    run_recipe(recipe, out, log=lambda m: None)
+    (out / "03-edit").rename(out / "03-edit.partial")
+    (out / "03-edit.partial" / "metrics.json").unlink()
+    changed = json.loads(json.dumps(TINY))
+    changed["stages"][2]["n"] = 2
+    with pytest.raises(DreamliteError, match="03-edit.partial: started with a different recipe"):
+        run_recipe(write(tmp_path, changed), out, log=lambda m: None)
 
 
 def test_same_seed_same_report(tmp_path):
