@@ -167,9 +167,9 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     """
     from accelerate import Accelerator
 
+    check_launch()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    check_launch()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if s.precision == "bf16" else "no")
     parts = s.accumulate * acc.num_processes
     if s.batch % parts:

@@ -76,8 +76,8 @@ def test_sharded_launches_are_refused_before_training(tmp_path, monkeypatch, var
     monkeypatch.setenv(var, "true")
     s = TrainSettings(steps=2, batch=1, warmup=0)
     with pytest.raises(DreamliteError, match=f"accelerate: {name} is not supported.*DDP"):
-        fit(Exploding(), lambda step: {"x": torch.tensor([1.0])}, s, tmp_path, log=lambda m: None)
-    assert not (tmp_path / CHECKPOINT).exists()
+        fit(Exploding(), lambda step: {"x": torch.tensor([1.0])}, s, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_offset_noise_shifts_each_image_by_one_colour():
