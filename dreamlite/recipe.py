@@ -162,9 +162,9 @@ def _fingerprint(config: dict, before: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _unchanged(folder: Path, st: StageConfig, previous: str, seed: int) -> str:
-    """The fingerprint a finished or interrupted stage in ``folder`` continues the chain with; raises if the recipe
-    changed it (or a stage before it, or its seed) since it ran."""
+def _unchanged(folder: Path, st: StageConfig, previous: str, seed: int) -> dict:
+    """The ``stage.json`` of a finished or interrupted stage in ``folder`` (its ``fingerprint`` continues the chain);
+    raises if the recipe changed the stage (or one before it, or its seed) since it ran."""
     done = read_json(folder / "stage.json") if (folder / "stage.json").is_file() else {}
     stored = done.get("config")
     current = _fingerprint(st.model_dump(mode="json"), previous)
@@ -175,7 +175,7 @@ def _unchanged(folder: Path, st: StageConfig, previous: str, seed: int) -> str:
         state = "finished" if (folder / "metrics.json").is_file() else "started"
         raise DreamliteError(f"{folder}: {state} with a different recipe (stage {stage_name(st)!r}, one before it, or "
                              f"the seed changed); run with --restart or choose another --out")
-    return done["fingerprint"]
+    return done
 
 
 def _json(value):
@@ -227,8 +227,8 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
         work = folder.with_name(folder.name + ".partial")
         seed = st.seed if st.seed is not None else recipe.seed + i
         if (folder / "metrics.json").is_file():
-            before = _unchanged(folder, st, before, seed)
-            done = read_json(folder / "stage.json")
+            done = _unchanged(folder, st, before, seed)
+            before = done["fingerprint"]
             log(f"[{i + 1}/{len(recipe.stages)}] {name}: done earlier, skipped")
             rows.append(done | {"metrics": read_json(folder / "metrics.json")})
             outputs[name] = folder
