@@ -431,7 +431,7 @@ def quantize(model, scheme, out, calib, steps, keep_float, size, mode, seed, bat
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--timeout", type=click.IntRange(1), default=1800, show_default=True,
               help="Seconds each QNN step (session build, comparison) may take; the HTP simulator compiles large "
-                   "graphs slowly (DreamLite-0.39B at 1024 px: over 30 minutes on 2 cores).")
+                   "graphs slowly (DreamLite-0.39B at 1024 px: 1 h 37 min on 2 cores).")
 def qnn_check_cmd(artifact, no_compare, json_path, timeout):
     """Build the artifact on the QNN HTP backend with CPU fallback disabled; exit 1 unless every node runs on QNN."""
     from dreamlite.compress.quantize.qnn import qnn_check
