@@ -182,27 +182,19 @@ def _json(value):
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else json.loads(json.dumps(value))
 
 
-def same_settings(current: BaseModel, stored) -> bool:
-    """``current`` (a validated config) equals ``stored`` (its JSON dump from an earlier run), except for fields the
-    schema gained since, which must still hold their defaults: upgrading dreamlite does not invalidate finished
-    stages, changing a setting does."""
-    if not isinstance(stored, dict):
-        return False
-    for name, field in type(current).model_fields.items():
-        value = getattr(current, name)
-        if name not in stored:
-            if _json(value) != _json(field.get_default(call_default_factory=True)):
-                return False
-        elif isinstance(value, BaseModel):
-            if not same_settings(value, stored[name]):
-                return False
-        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-            if not isinstance(stored[name], list) or len(stored[name]) != len(value) or not all(
-                    same_settings(v, o) for v, o in zip(value, stored[name])):
-                return False
-        elif _json(value) != stored[name]:
-            return False
-    return set(stored) <= set(type(current).model_fields)
+def same_settings(current, stored) -> bool:
+    """``current`` (a validated config, or one of its values) equals ``stored`` (its JSON dump from an earlier run),
+    except for fields the schema gained since, which must still hold their defaults: upgrading dreamlite does not
+    invalidate finished stages, changing a setting does."""
+    if isinstance(current, BaseModel):
+        fields = type(current).model_fields
+        return isinstance(stored, dict) and set(stored) <= set(fields) and all(
+            same_settings(getattr(current, k), stored[k]) if k in stored
+            else _json(getattr(current, k)) == _json(f.get_default(call_default_factory=True))
+            for k, f in fields.items())
+    if isinstance(current, list) and current and all(isinstance(v, BaseModel) for v in current):
+        return isinstance(stored, list) and len(stored) == len(current) and all(map(same_settings, current, stored))
+    return _json(current) == stored
 
 
 def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, log=print) -> dict:
