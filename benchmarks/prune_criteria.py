@@ -21,7 +21,8 @@ import torch
 from dreamlite.compress.distill import Phase, recover
 from dreamlite.compress.distill.heldout import held_out_losses
 from dreamlite.compress.prune.importance import CRITERIA
-from dreamlite.compress.prune.target import PassSettings, calibration_batches, prune_to_target, unet_call
+from dreamlite.compress.prune.passes import WidthPass
+from dreamlite.compress.prune.target import calibration_batches, prune_to_target, unet_call
 from dreamlite.data import ShapesData
 from dreamlite.evaluation.model_bench import bench_gen
 from dreamlite.models.bundle import load_bundle
@@ -86,7 +87,7 @@ def main():
         runs += [(f"random (seed {k})", "random", k) for k in range(a.random_seeds)]
         for row, c, seed in runs:
             folder = Path(tmp) / f"{c}-{seed}"
-            report = prune_to_target(a.teacher, a.target, folder, c, a.calib, passes=PassSettings(random_seed=seed))
+            report = prune_to_target(a.teacher, a.target, folder, c, a.calib, passes=[WidthPass(seed=seed)])
             student = load_bundle(str(folder))
             rows[row] = {"loss": round(denoising_loss(student, held_out), 4),
                          "deviation": report["relative_output_deviation"],

@@ -199,8 +199,10 @@ def test_prune_passes_choose_each_criterion_and_what_materialize_compensates(tmp
                    {"pass": "heads", "importance": "random"}, {"pass": "materialize", "renormalize": False}]}]}
     run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
     pruning = json.loads((tmp_path / "run/01-prune/model/dreamlite.json").read_text())["pruning"]
-    assert pruning["pass_settings"] == {"depth": "norm", "width": "magnitude", "heads": "random", "fold": True,
-                                          "renormalize": False, "random_seed": None}
+    assert pruning["pass_settings"] == [{"pass": "depth", "importance": "norm"},
+                                        {"pass": "width", "importance": "magnitude"},
+                                        {"pass": "heads", "importance": "random"},
+                                        {"pass": "materialize", "fold": True, "renormalize": False}]
     by_pass = {p["pass"]: p for p in pruning["passes"]}
     assert by_pass["width"]["criterion"] == "magnitude" and by_pass["heads"]["criterion"] == "random"
     assert by_pass["materialize"]["renormalized_groupnorms"] == 0 and by_pass["materialize"]["folded_inputs"] > 0

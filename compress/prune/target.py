@@ -7,7 +7,6 @@ deviation check), which calibration does only for models that can be driven (a t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,45 +16,9 @@ import torch.nn as nn
 from dreamlite.io import DreamliteError, read_json
 
 from .compensate import calibration_statistics
-from .importance import CRITERIA
-from .unet import (RandomSource, SafetensorsSource, StateDictSource, TensorSource, channel_scores, dims_of,
-                   prune_unet, skip_scores, teacher_spaces)
+from .passes import TARGET_CLASS, Evidence, PrunedUNet, build_target, resolve, run_passes
+from .unet import RandomSource, SafetensorsSource, StateDictSource, TensorSource, unet_call
 
-TARGET_CLASS = "DreamLiteUNetModel"
-DEPTH_CRITERIA = ("measured", "norm")
-
-
-@dataclass
-class PassSettings:
-    """How each pass of a target prune decides (recipes: ``passes:``). ``None`` picks the default.
-
-    ``depth``: ``measured`` (output change when a layer is skipped; the default with calibration) or ``norm`` (the
-    weight norm of what a layer writes). ``width`` / ``heads``: a criterion (``CRITERIA``); heads default to the
-    width criterion, width to taylor with calibration, else magnitude. ``fold`` / ``renormalize`` (materialize, with
-    calibration): fold pruned input channels into the kept ones; correct GroupNorms for the channels they lost.
-    ``random_seed``: the random criterion's draw (default: the run's seed), to measure the control's spread on the
-    same calibration batches."""
-    depth: str | None = None
-    width: str | None = None
-    heads: str | None = None
-    fold: bool = True
-    renormalize: bool = True
-    random_seed: int | None = None
-
-    def resolved(self, calib: int, width_label: str = "passes.width") -> "PassSettings":
-        """The defaults filled in and checked; ``width_label`` names the width criterion's origin in errors."""
-        width = self.width or ("taylor" if calib else "magnitude")
-        out = replace(self, depth=self.depth or ("measured" if calib else "norm"), width=width,
-                      heads=self.heads or width)
-        for label, value in (("passes.depth", out.depth), (width_label, out.width), ("passes.heads", out.heads)):
-            allowed = DEPTH_CRITERIA if label == "passes.depth" else CRITERIA
-            if value not in allowed:
-                raise DreamliteError(f"{label}: unknown importance {value!r} (expected one of {', '.join(allowed)})")
-            if value in ("measured", "taylor", "activation") and not calib:
-                raise DreamliteError(f"{label}: importance {value!r} needs calibration batches (--calib N), "
-                                     "which need a model with a text encoder and codec beside it (a shapes-world "
-                                     "model folder)")
-        return out
 
 
 def resolve_target(spec: str) -> dict:
@@ -75,16 +38,6 @@ def resolve_target(spec: str) -> dict:
     if not isinstance(cfg, dict) or cfg.get("_class_name", TARGET_CLASS) != TARGET_CLASS:
         raise DreamliteError(f"{path}: _class_name must be {TARGET_CLASS}")
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def build_target(cfg: dict, seed: int) -> nn.Module:
-    from dreamlite.models.presets import build
-
-    try:
-        return build(cfg, TARGET_CLASS, seed=seed).eval()
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
-        raise DreamliteError(f"--target: the config does not build a {TARGET_CLASS} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def teacher_source(bundle, seed: int) -> TensorSource:
@@ -125,15 +78,6 @@ def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]
     return out
 
 
-def unet_call(model: nn.Module, b: dict, in_context: bool) -> dict:
-    from dreamlite.models.conditioning import unet_inputs
-
-    x = b["sample"]
-    if in_context:
-        x = torch.cat([x, torch.zeros_like(x)], dim=-1)  # (target | blank): generation
-    return {"sample": x, "timestep": b["timestep"], **unet_inputs(model.config, b["text"], b["size"], b["size"])}
-
-
 @torch.no_grad()
 def deviation(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> float:
     """Relative MSE of the student's output (target half) from the teacher's, on calibration batches."""
@@ -143,57 +87,6 @@ def deviation(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> fl
         s = student(**unet_call(student, b, True)).sample[..., :t.shape[-1]]
         num, den = num + float((s - t).pow(2).mean()), den + float(t.pow(2).mean())
     return num / max(den, 1e-12)
-
-
-def taylor_saliency(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Per weight, sum over calibration samples of (w x dL/dw)^2, L the teacher's training loss (epsilon MSE) on one
-    sample: the squared first-order change of the loss when the weight is removed (Molchanov et al. 2019; Diff-Pruning
-    spreads the samples over timesteps, as the calibration batches are). Squaring per sample matters: a trained
-    teacher sits near a minimum, so gradients summed over samples partly cancel (docs/pruning.md measures both)."""
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    out = {n: torch.zeros_like(p) for n, p in params.items()}
-    with torch.enable_grad():
-        for b in batches:
-            for i in range(len(b["noise"])):
-                one = {**b, "sample": b["sample"][i:i + 1], "timestep": b["timestep"][i:i + 1],
-                       "text": b["text"][i:i + 1]}
-                unet.zero_grad(set_to_none=True)
-                pred = unet(**unet_call(unet, one, False)).sample
-                (pred - b["noise"][i:i + 1]).pow(2).mean().backward()
-                for n, p in params.items():
-                    if p.grad is not None:
-                        out[n] += (p.detach() * p.grad).pow(2)
-    unet.zero_grad(set_to_none=True)
-    return out
-
-
-@torch.no_grad()
-def activation_scores(unet: nn.Module, batches: list[dict], cfg: dict, spaces: dict) -> dict[str, torch.Tensor]:
-    """Mean |output| of every channel of every space, from the conv / linear layers that write it."""
-    scores = {s: torch.zeros(sp.size) for s, sp in spaces.items()}
-    hooks = []
-
-    def hook_for(names):
-        def hook(module, args, out):
-            dims = (0, 2, 3) if out.dim() == 4 else tuple(range(out.dim() - 1))
-            act = out.abs().float().mean(dims)
-            for k, part in enumerate(act.split([spaces[n].size for n in names])):
-                scores[names[k]] += part
-        return hook
-
-    for name, module in unet.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            w = f"{name}.weight"
-            names = dims_of(w, tuple(module.weight.shape), cfg)[0]
-            if names and all(n in spaces for n in names):
-                hooks.append(module.register_forward_hook(hook_for(names)))
-    try:
-        for b in batches:
-            unet(**unet_call(unet, b, False))
-    finally:
-        for h in hooks:
-            h.remove()
-    return scores
 
 
 def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[dict, dict]:
@@ -212,29 +105,14 @@ def _budget_target(probe, params: str | None, macs: str | None, say) -> tuple[di
                       parse_count(macs, "--macs") if macs else None, measure)
 
 
-def _channel_scores(passes: PassSettings, source: TensorSource, cfg: dict, unet: nn.Module | None,
-                    batches: list[dict] | None, seed: int) -> dict[str, torch.Tensor]:
-    """Scores of every channel space: the width criterion's, and the heads criterion's for attention heads."""
-    spaces = teacher_spaces(source, cfg)
-    by_criterion = {}
-    for criterion in {passes.width, passes.heads}:
-        if criterion == "activation":
-            by_criterion[criterion] = activation_scores(unet, batches, cfg, spaces)
-        else:
-            saliency = taylor_saliency(unet, batches) if criterion == "taylor" else None
-            by_criterion[criterion] = channel_scores(source, cfg, spaces, criterion, saliency,
-                                                     seed if passes.random_seed is None else passes.random_seed)
-    return {s: by_criterion[passes.heads if sp.unit > 1 else passes.width][s] for s, sp in spaces.items()}
-
-
 # ------------------------------------------------------------------------------------------------------ the command
 def prune_to_target(teacher: str, target: str | None, out, importance: str | None = None, calib: int | None = None,
                     seed: int = 0, say: Callable[[str], None] | None = None, params: str | None = None,
-                    macs: str | None = None, passes: PassSettings | None = None) -> dict:
+                    macs: str | None = None, passes: list | None = None) -> dict:
     """Prune ``teacher`` (a preset, zoo:NAME or model folder) to ``target`` (a DreamLite preset or config file), or
     to the largest DreamLite layout within ``params`` / ``macs`` ('0.39B', '1.4T'), and write the model folder
-    ``out``. ``importance``: the width and heads criterion (shorthand for ``passes``). Returns the report written to
-    ``out/dreamlite.json``."""
+    ``out``. ``passes``: the chain's settings (``passes.resolve``); ``importance``: the width and heads criterion
+    (shorthand). Returns the report written to ``out/dreamlite.json``."""
     from dreamlite.evaluation.footprint import macs_per_call, macs_per_module
     from dreamlite.models.bundle import Bundle, load_bundle
     from dreamlite.models.presets import build
@@ -251,10 +129,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         cfg, budget = _budget_target(probe, params, macs, say)
     drivable = probe.codec is not None or (probe.folder is not None and (probe.folder / "text_encoder").is_dir())
     calib = (4 if drivable else 0) if calib is None else calib
-    if importance and passes and (passes.width or passes.heads):
-        raise DreamliteError("importance: give it, or the width / heads passes' importance, not both")
-    passes = replace(passes or PassSettings(), **({"width": importance} if importance else {}))
-    passes = passes.resolved(calib, "--importance" if importance else "passes.width")
+    chain = resolve(passes, bool(calib), importance)
     if calib and not drivable:
         raise DreamliteError(f"--calib: {teacher} has no text encoder and codec to make calibration batches with "
                              "(use --calib 0 and magnitude or random importance)")
@@ -263,48 +138,39 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         raise DreamliteError(f"--target: block_out_channels {s_widths} do not fit inside the teacher's {t_widths} "
                              "(pruning only removes: same number of stages, none wider)")
 
-    t_cfg = dict(probe.unet.config)
-    full = batches = measured = pooled = calib_stats = None
+    size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
+    evidence = Evidence(module_macs=macs_per_module(probe.unet, (h, h), (size, size), tokens), seed=seed, say=say)
+    full = None
     if calib:
         say(f"calibration: {calib} batches of rendered scenes")
         full = load_bundle(teacher, seed=seed)
         full.unet.float().eval()
-        batches = calibration_batches(full, calib, seed)
+        evidence.teacher, evidence.batches = full.unet, calibration_batches(full, calib, seed)
         source: TensorSource = StateDictSource(full.unet.state_dict())
-        calls = [unet_call(full.unet, b, False) for b in batches]
-        if passes.depth == "measured":
-            say("depth: measuring each transformer layer's effect on the output")
-            measured = skip_scores(full.unet, calls)
-        calib_stats = calibration_statistics(full.unet, calls)
-        calib_stats.inputs = calib_stats.inputs if passes.fold else {}
-        calib_stats.norms = calib_stats.norms if passes.renormalize else {}
-        pooled = torch.cat([b["text"].pooled for b in batches]).mean(0)
+        evidence.statistics = calibration_statistics(full.unet, evidence.calls())
+        evidence.pooled_mean = torch.cat([b["text"].pooled for b in evidence.batches]).mean(0)
     else:
         source = teacher_source(probe, seed)
-
-    student = build_target(cfg, seed)
-    scores = _channel_scores(passes, source, t_cfg, full.unet if full else None, batches, seed)
-    size, h, tokens = probe.image_size, probe.latent_size(), probe.text_tokens
-    teacher_macs = macs_per_module(probe.unet, (h, h), (size, size), tokens)
-    report = prune_unet(source, t_cfg, student, passes.width, None, measured, pooled, seed, say,
-                        scores=scores, calib=calib_stats, module_macs=teacher_macs, heads_criterion=passes.heads)
+    build_target(cfg, seed, "meta")  # a config that does not build fails here, before any work
+    student, report = run_passes(PrunedUNet(source, dict(probe.unet.config), cfg), chain, evidence)
     summary = {
         "teacher": teacher, "target": target or {"params": params, "macs": macs, **budget,
                                                   "block_out_channels": cfg["block_out_channels"],
                                                   "transformer_layers_per_block": cfg["transformer_layers_per_block"],
                                                   "attention_head_dim": cfg["attention_head_dim"]},
-        "importance": passes.width, "pass_settings": asdict(passes),
+        "importance": chain[1].importance,
+        "pass_settings": [p.model_dump(by_alias=True, exclude_none=True) for p in chain],
         "calibration_batches": calib,
         "teacher_parameters": sum(int(torch.Size(source.shape(k)).numel()) for k in source.keys()),
         "parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_macs_per_call": sum(teacher_macs.values()),
+        "teacher_macs_per_call": sum(evidence.module_macs.values()),
         "macs_per_call": macs_per_call(build(cfg, TARGET_CLASS, "meta"), (h, 2 * h), (size, size), tokens),
     }
     report[-1]["macs_after"] = summary["macs_per_call"]  # the student, at its in-context width (target | context)
-    if batches:
-        summary["relative_output_deviation"] = round(deviation(full.unet, student, batches), 4)
+    if full is not None:
+        summary["relative_output_deviation"] = round(deviation(full.unet, student, evidence.batches), 4)
         summary["relative_output_deviation_random_init"] = round(deviation(full.unet, build_target(cfg, seed + 1),
-                                                                           batches), 4)
+                                                                           evidence.batches), 4)
         # The calibration batches are in-sample (the compensations were fitted on them) and depend on the seed:
         # measured on the shapes teacher, 0.11 and 0.48 at seeds 0 and 100 for students at 0.18 and 0.22 here.
         held_out = calibration_batches(full, HELD_OUT_BATCHES, HELD_OUT_SEED)

@@ -1,47 +1,18 @@
 """Stage kinds that compress a model: ``prune``."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from dreamlite.compress.prune.importance import CRITERIA
+from dreamlite.compress.prune.passes import PassSettings, chain_problem
 from dreamlite.recipe import StageConfig, StageContext, stage
 
 from .models import ModelInput, stage_model
 
 
 Criterion = Literal[CRITERIA]  # the importance registry's names
-PASS_ORDER = ("depth", "width", "heads", "materialize")
-
-
-class _Pass(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class DepthPass(_Pass):
-    kind: Literal["depth"] = Field(alias="pass")
-    importance: Literal["measured", "norm"] | None = Field(
-        None, description="measured: output change when a layer is skipped (default with calibration); norm: weights")
-
-
-class WidthPass(_Pass):
-    kind: Literal["width"] = Field(alias="pass")
-    importance: Criterion | None = Field(None, description="default: taylor with calibration, else magnitude")
-
-
-class HeadsPass(_Pass):
-    kind: Literal["heads"] = Field(alias="pass")
-    importance: Criterion | None = Field(None, description="default: the width pass's")
-
-
-class MaterializePass(_Pass):
-    kind: Literal["materialize"] = Field(alias="pass")
-    fold: bool = Field(True, description="fold pruned input channels into the kept ones (with calibration)")
-    renormalize: bool = Field(True, description="correct GroupNorms for the channels they lost (with calibration)")
-
-
-PassEntry = Annotated[Union[DepthPass, WidthPass, HeadsPass, MaterializePass], Field(discriminator="kind")]
 
 
 class PruneStage(StageConfig):
@@ -55,7 +26,7 @@ class PruneStage(StageConfig):
         None, description="the width and heads criterion (default: taylor with calibration, else magnitude)")
     calib: int | None = Field(None, ge=0, description="calibration batches (default: 4 when the teacher can be "
                                                       "driven, else 0)")
-    passes: list[PassEntry] | None = Field(None, description="the passes in chain order (depth, width, heads, "
+    passes: list[PassSettings] | None = Field(None, description="the passes in chain order (depth, width, heads, "
                                                              "materialize), each at most once; a pass left out runs "
                                                              "with its defaults")
 
@@ -65,23 +36,9 @@ class PruneStage(StageConfig):
             raise ValueError("give exactly one of input (an earlier stage) and teacher")
         if sum(x is not None for x in (self.target, self.params, self.macs)) != 1:
             raise ValueError("give exactly one of target, params and macs")
-        kinds = [p.kind for p in self.passes or []]
-        if kinds != sorted(set(kinds), key=PASS_ORDER.index):
-            raise ValueError(f"passes: {kinds} must be in chain order ({', '.join(PASS_ORDER)}), each at most once")
-        if self.importance and any(p.kind in ("width", "heads") and p.importance for p in self.passes or []):
-            raise ValueError("give importance, or the width / heads passes' importance, not both")
+        if problem := chain_problem(self.passes, self.importance):
+            raise ValueError(problem)
         return self
-
-    def pass_settings(self):
-        from dreamlite.compress.prune.target import PassSettings
-
-        out = PassSettings()
-        for p in self.passes or []:
-            if p.kind == "materialize":
-                out.fold, out.renormalize = p.fold, p.renormalize
-            else:
-                setattr(out, p.kind, p.importance)
-        return out
 
     def inputs(self) -> list[str]:
         return [self.input] if self.input else []
@@ -93,7 +50,7 @@ def run_prune(cfg: PruneStage, ctx: StageContext) -> dict:
 
     teacher = stage_model(ctx, cfg.input) if cfg.input else cfg.teacher
     report = prune_to_target(teacher, cfg.target, ctx.dir / "model", cfg.importance, cfg.calib, ctx.seed,
-                             say=ctx.log, params=cfg.params, macs=cfg.macs, passes=cfg.pass_settings())
+                             say=ctx.log, params=cfg.params, macs=cfg.macs, passes=cfg.passes)
     keys = ("teacher_parameters", "parameters", "teacher_macs_per_call", "macs_per_call", "relative_output_deviation",
             "relative_output_deviation_held_out", "relative_output_deviation_random_init")
     return {k: report[k] for k in keys if k in report}

@@ -12,8 +12,10 @@ from dreamlite.compress.prune.generic import example_inputs
 from dreamlite.evaluation.footprint import macs_per_module
 from dreamlite.io import DreamliteError
 from dreamlite.compress.prune.compensate import calibration_statistics, fold_pruned_inputs
-from dreamlite.compress.prune.unet import (Plan, Space, StateDictSource, depth_pass,
-                                           prune_unet, select, skip_scores)
+from dreamlite.compress.prune.passes import (DepthPass, Evidence, HeadsPass, MaterializePass, PrunedUNet, WidthPass,
+                                             depth, heads, materialize, run_passes, width)
+from dreamlite.compress.prune.target import calibration_batches
+from dreamlite.compress.prune.unet import Space, StateDictSource, channel_scores, select, skip_scores, teacher_spaces
 from dreamlite.models.presets import build, get_preset
 
 
@@ -21,13 +23,16 @@ def teacher():
     return tiny_bundle("shapes-server").unet
 
 
-def dreamlite_twin(unet, **changes):
-    """A DreamLiteUNetModel with the teacher's own config (same widths, depths, embeddings) plus ``changes``."""
-    from diffusers import DreamLiteUNetModel
+def prune_unet(t, target: dict, evidence=None, passes=None):
+    """The student of config ``target`` pruned from the teacher module ``t`` through the whole chain, and the
+    per-pass report."""
+    return run_passes(PrunedUNet(StateDictSource(t.state_dict()), dict(t.config), target), passes, evidence)
+
+
+def dreamlite_twin(unet, **changes) -> dict:
+    """A DreamLiteUNetModel config: the teacher's own (same widths, depths, embeddings) plus ``changes``."""
     cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    base = {"qk_norm": None, "use_sep_conv": False, "ff_mult": 4, "num_kv_heads": None}
-    torch.manual_seed(1)
-    return DreamLiteUNetModel(**{**cfg, **base, **changes}).eval()
+    return {**cfg, "qk_norm": None, "use_sep_conv": False, "ff_mult": 4, "num_kv_heads": None, **changes}
 
 
 def max_deviation(a, b):
@@ -38,8 +43,7 @@ def max_deviation(a, b):
 
 def test_a_target_equal_to_the_teacher_is_an_exact_copy():
     t = teacher()
-    s = dreamlite_twin(t)
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    s, report = prune_unet(t, dreamlite_twin(t))
     assert report[-1]["parameters"]["new"] == 0 and report[-1]["parameters"]["fitted"] == 0
     assert max_deviation(t, s) < 1e-6
 
@@ -48,8 +52,8 @@ def test_new_identity_initialised_layers_leave_the_output_unchanged():
     """The teacher plus DreamLite's new stage-1 cross-attention: the new layer starts as the identity."""
     t = teacher()
     blocks = ["CrossAttnDownRemoveSelfAttnBlock2D"] + list(t.config.down_block_types[1:])
-    s = dreamlite_twin(t, down_block_types=blocks, transformer_layers_per_block=[1, 1, 2])
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)[-1]
+    s, report = prune_unet(t, dreamlite_twin(t, down_block_types=blocks, transformer_layers_per_block=[1, 1, 2]))
+    report = report[-1]
     assert report["parameters"]["new"] > 0 and max_deviation(t, s) < 1e-6
 
 
@@ -70,8 +74,8 @@ def test_separable_convs_and_shared_kv_heads_are_exact_when_the_teacher_is_expre
         if name.endswith(("attn1.to_k.weight", "attn1.to_v.weight", "attn2.to_k.weight", "attn2.to_v.weight")):
             heads = t.get_submodule(name.rsplit(".", 2)[0]).heads
             p.copy_(p.view(heads, -1, p.shape[1])[:1].expand(heads, -1, -1).reshape_as(p))
-    s = dreamlite_twin(t, use_sep_conv=True, num_kv_heads=1)
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)[-1]
+    s, report = prune_unet(t, dreamlite_twin(t, use_sep_conv=True, num_kv_heads=1))
+    report = report[-1]
     assert report["conv1_rank1_fit_error_mean"] < 1e-5 and report["conv2_rank2_fit_error_mean"] < 1e-5
     assert max_deviation(t, s) < 1e-4
 
@@ -80,9 +84,8 @@ def test_shapes_mobile_from_the_server_layout(tmp_path):
     from diffusers import DreamLiteUNetModel
     t = teacher()
     p = get_preset("shapes-mobile")
-    s = build(p.config, p.cls, seed=1, **TINY["shapes-mobile"])
     macs = macs_per_module(t, (8, 8), (64, 64), 4)
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, module_macs=macs)
+    s, report = prune_unet(t, {**p.config, **TINY["shapes-mobile"]}, Evidence(module_macs=macs))
     kinds = [r["pass"] for r in report]
     assert kinds[0] == "depth" and "width" in kinds and "heads" in kinds and kinds[-1] == "materialize"
     counts = report[-1]["parameters"]
@@ -108,8 +111,7 @@ def test_a_narrower_time_embedding_is_fitted_with_weights_of_the_teachers_scale(
     solution cancels weights of ~1e7, which fp32 ONNX, fp16 and int8 all break on."""
     t = teacher()
     p = get_preset("shapes-mobile")
-    s = build(p.config, p.cls, seed=1, **{**TINY["shapes-mobile"], "block_out_channels": [4, 8, 16]})
-    report = prune_unet(StateDictSource(t.state_dict()), dict(t.config), s)
+    s, report = prune_unet(t, {**p.config, **TINY["shapes-mobile"], "block_out_channels": [4, 8, 16]})
     notes = report[-1]
     assert 0 < notes["time_embedding_fit_error"] < 1
     fitted, original = s.time_embedding.linear_1.weight, t.time_embedding.linear_1.weight
@@ -118,7 +120,8 @@ def test_a_narrower_time_embedding_is_fitted_with_weights_of_the_teachers_scale(
 
 
 def test_depth_keeps_the_layers_whose_removal_changes_the_output():
-    t = teacher()
+    bundle = tiny_bundle("shapes-server")
+    t = bundle.unet
     mid = t.mid_block.attentions[0].transformer_blocks
     with torch.no_grad():  # layer 0 of the mid block writes nothing: skipping it changes nothing
         for lin in (mid[0].attn1.to_out[0], mid[0].attn2.to_out[0], mid[0].ff.net[2]):
@@ -127,9 +130,39 @@ def test_depth_keeps_the_layers_whose_removal_changes_the_output():
     batches = [example_inputs(t, 2, torch.Generator().manual_seed(i)) for i in range(2)]
     measured = skip_scores(t, batches)
     assert measured["mid_block.attentions.0"][0] == 0 < measured["mid_block.attentions.0"][1]
-    student_keys = [k for k in t.state_dict() if not k.startswith("mid_block.attentions.0.transformer_blocks.1.")]
-    plan = depth_pass(Plan(), t.state_dict().keys(), student_keys, StateDictSource(t.state_dict()), measured)
-    assert plan.layers["mid_block.attentions.0"] == [1]
+    p = get_preset("shapes-mobile")
+    model = PrunedUNet(StateDictSource(t.state_dict()), dict(t.config), {**p.config, **TINY["shapes-mobile"]})
+    evidence = Evidence(teacher=t, batches=calibration_batches(bundle, 2, 0, batch=2))
+    after = depth(model, DepthPass(importance="measured"), evidence)
+    assert after.plan.layers["mid_block.attentions.0"] == [1]
+    entry = next(e for e in after.plan.report if e["block"] == "mid_block.attentions.0")
+    assert entry["criterion"] == "skip-output-change" and entry["scores"][0] == 0
+
+
+def test_passes_are_functions_from_model_to_model_and_chain_as_the_recipe_does():
+    """Each pass returns a new model and leaves its input as it was; calling them by hand is the recipe's chain."""
+    t = teacher()
+    p = get_preset("shapes-mobile")
+
+    def start():
+        return PrunedUNet(StateDictSource(t.state_dict()), dict(t.config), {**p.config, **TINY["shapes-mobile"]})
+
+    model = start()
+    deeper = depth(model, DepthPass(importance="norm"))
+    assert model.plan.layers == {} and model.plan.report == [] and deeper.plan.layers
+    narrow = width(deeper, WidthPass(importance="magnitude"))
+    assert deeper.plan.keep == {} and narrow.plan.keep and all(s.unit == 1 for s in (
+        narrow.spaces()[k] for k in narrow.plan.keep))
+    fewer = heads(narrow, HeadsPass(importance="random", seed=5))
+    assert set(fewer.plan.keep) > set(narrow.plan.keep)
+    by_hand = materialize(fewer, MaterializePass())
+    assert [e["pass"] for e in fewer.plan.report][-3:] == ["width", "heads", "materialize"]
+    chained, report = run_passes(start(), [DepthPass(importance="norm"), WidthPass(importance="magnitude"),
+                                           HeadsPass(importance="random", seed=5)])
+    assert report == fewer.plan.report
+    assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), chained.state_dict().values()))
+    other = materialize(heads(narrow, HeadsPass(importance="random", seed=6)))
+    assert any(not torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), other.state_dict().values()))
 
 
 def test_selection_keeps_whole_heads_and_the_same_number_per_group():
@@ -228,16 +261,17 @@ def test_folding_pruned_inputs_is_exact_when_they_are_affine_in_the_kept_ones(ke
 
 def test_calibration_folds_nothing_when_nothing_is_pruned():
     t = teacher()
-    s = dreamlite_twin(t)
     x = example_inputs(t, 2, torch.Generator().manual_seed(0))
     calib = calibration_statistics(t, [x])
     assert "conv_out" in calib.inputs and calib.inputs["conv_out"].shape == (t.conv_out.in_channels + 1,) * 2
-    prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, calib=calib)
+    s, _ = prune_unet(t, dreamlite_twin(t), Evidence(statistics=calib))
     assert max_deviation(t, s) == 0
 
 
 def test_taylor_without_calibration_saliency_is_refused_not_silently_zero():
     t = teacher()
-    s = dreamlite_twin(t)
+    with pytest.raises(DreamliteError, match="passes.width: importance 'taylor' needs calibration batches"):
+        prune_unet(t, dreamlite_twin(t), passes=[WidthPass(importance="taylor")])
     with pytest.raises(DreamliteError, match="'taylor' needs the saliency"):
-        prune_unet(StateDictSource(t.state_dict()), dict(t.config), s, criterion="taylor")
+        channel_scores(StateDictSource(t.state_dict()), dict(t.config), teacher_spaces(
+            StateDictSource(t.state_dict()), dict(t.config)), "taylor")
