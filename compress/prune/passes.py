@@ -38,7 +38,8 @@ from dreamlite.io import DreamliteError
 from .compensate import Calibration
 from .importance import CRITERIA
 from .materialize import write_student
-from .unet import (Plan, Space, TensorSource, activation_scores, channel_scores, dims_of, layer_norm_scores, select,
+from .unet import (LAYER_NAME, Plan, Space, TensorSource, activation_scores, block_layers, block_norm_scores,
+                   block_skip_scores, channel_scores, dims_of, layer_norm_scores, removable_layers, select,
                    skip_scores, student_name_to_teacher, target_sizes, taylor_saliency, teacher_spaces,
                    transformer_depths, unet_call)
 
@@ -109,11 +110,12 @@ class PrunedUNet:
     def spaces(self) -> dict[str, Space]:
         return teacher_spaces(self.source, self.teacher_config)
 
-    def evolve(self, entries: list[dict], layers: dict | None = None, keep: dict | None = None) -> "PrunedUNet":
-        """A new model with ``layers`` / ``keep`` added to the plan and ``entries`` to the report."""
+    def evolve(self, entries: list[dict], layers: dict | None = None, keep: dict | None = None,
+               blocks: dict | None = None) -> "PrunedUNet":
+        """A new model with ``layers`` / ``keep`` / ``blocks`` added to the plan and ``entries`` to the report."""
         p = self.plan
         return replace(self, plan=Plan({**p.layers, **(layers or {})}, {**p.keep, **(keep or {})},
-                                       [*p.report, *entries]))
+                                       [*p.report, *entries], {**p.blocks, **(blocks or {})}))
 
 
 @dataclass
@@ -174,36 +176,72 @@ def prune_pass(settings: type):
 
 @prune_pass(DepthPass)
 def depth(model: PrunedUNet, settings: DepthPass | None = None, evidence: Evidence | None = None) -> PrunedUNet:
-    """Keep the most important transformer layers of every attention block the target shares with the teacher."""
+    """Keep the most important layers (a ResNet and its attention block) of every down and up block, then the most
+    important transformer layers of every attention block the target keeps."""
     settings, evidence = settings or DepthPass(), evidence or Evidence()
     criterion = settings.importance or ("measured" if evidence.calibrated else "norm")
     _need_data("passes.depth", criterion, evidence.calibrated)
-    source = model.source
-    t_depth, s_depth = transformer_depths(source.keys()), transformer_depths(model.shape_model.state_dict())
+    source, student_keys = model.source, list(model.shape_model.state_dict())
+    label = "skip-output-change" if criterion == "measured" else "write-norm"
+
+    def choose(unit: str, where: str, n: int, have: int, scores: list, prefixes: list[str]) -> list[int]:
+        ranked = [j for j in np.argsort([-np.inf if x is None else x for x in scores])[::-1] if scores[j] is not None]
+        forced = [j for j in range(have) if scores[j] is None]  # layers that cannot go
+        kept = sorted(int(j) for j in forced + ranked[:n - len(forced)])
+        gone = tuple(p.format(j) for p in prefixes for j in range(have) if j not in kept)
+        entries.append({"pass": "depth", "unit": unit, "block": where, "teacher_layers": have, "kept": kept,
+                        "parameters_removed": sum(int(np.prod(source.shape(k))) for k in source.keys()
+                                                  if k.startswith(gone)),
+                        "scores": [None if x is None else round(float(x), 6) for x in scores], "criterion": label})
+        return kept
+
+    entries: list[dict] = []
+    t_blocks, s_blocks = block_layers(source.keys()), block_layers(student_keys)
+    candidates = {}
+    for block, n in sorted(s_blocks.items()):
+        have = t_blocks.get(block, n)
+        allowed = removable_layers(block, have, len(model.teacher_config["block_out_channels"]))
+        if n > have or have - n > len(allowed):
+            raise DreamliteError(f"{block}: the target has {n} layers, the teacher {have}; at most "
+                                 f"{len(allowed)} can go (layers {allowed}: the others widen the stream or read "
+                                 "the block below or the skip across stages)")
+        if n < have:
+            candidates[block] = allowed
     measured = None
+    if criterion == "measured" and candidates:
+        evidence.say("depth: measuring each block layer's effect on the output")
+        measured = block_skip_scores(evidence.teacher, evidence.calls(), candidates)
+    blocks = {}
+    for block, allowed in candidates.items():
+        have = t_blocks[block]
+        scores = measured[block] if measured else [
+            x if j in allowed else None for j, x in enumerate(block_norm_scores(source, block, have))]
+        blocks[block] = choose("block layer", block, s_blocks[block], have, scores,
+                               [block + ".resnets.{}.", block + ".attentions.{}."])
+
+    t_depth = transformer_depths(source.keys())
+    s_depth = transformer_depths(student_name_to_teacher(k, Plan(blocks=blocks)) for k in student_keys)
     if criterion == "measured":
         evidence.say("depth: measuring each transformer layer's effect on the output")
         measured = skip_scores(evidence.teacher, evidence.calls())
-    layers, entries = {}, []
+    layers = {}
     for attn, n in sorted(s_depth.items()):
         if attn not in t_depth:
             continue
         if n > t_depth[attn]:
             raise DreamliteError(f"{attn}: the target has {n} transformer layers, the teacher only {t_depth[attn]}")
         scores = measured[attn] if measured else layer_norm_scores(source, attn, t_depth[attn])
-        layers[attn] = sorted(np.argsort(scores)[::-1][:n].tolist())
         if n < t_depth[attn]:
-            gone = tuple(f"{attn}.transformer_blocks.{b}." for b in range(t_depth[attn]) if b not in layers[attn])
-            entries.append({"pass": "depth", "block": attn, "teacher_layers": t_depth[attn], "kept": layers[attn],
-                            "parameters_removed": sum(int(np.prod(source.shape(k))) for k in source.keys()
-                                                      if k.startswith(gone)),
-                            "scores": [round(float(s), 6) for s in scores],
-                            "criterion": "skip-output-change" if measured else "write-norm"})
+            layers[attn] = choose("transformer layer", attn, n, t_depth[attn], scores,
+                                  [attn + ".transformer_blocks.{}."])
+        else:
+            layers[attn] = list(range(n))
     for i, entry in enumerate(entries):  # the footprint after each block's layers went
-        done = {e["block"]: layers[e["block"]] for e in entries[:i + 1]}
-        entry.update(footprint(model.evolve([], layers=done), evidence.module_macs))
-    out = model.evolve([], layers=layers)
-    return out.evolve(entries)
+        done = {e["block"]: e["kept"] for e in entries[:i + 1]}
+        entry.update(footprint(model.evolve([], layers={a: k for a, k in done.items() if a in layers},
+                                            blocks={b: k for b, k in done.items() if b in blocks}),
+                               evidence.module_macs))
+    return model.evolve(entries, layers=layers, blocks=blocks)
 
 
 def _channel_pass(model: PrunedUNet, settings, evidence: Evidence, heads: bool) -> PrunedUNet:
@@ -269,8 +307,7 @@ def materialize(model: PrunedUNet, settings: MaterializePass | None = None,
     stats = replace(stats, inputs=stats.inputs if settings.fold else {},
                     norms=stats.norms if settings.renormalize else {})
     spaces = model.spaces()
-    plan = Plan(model.plan.layers, {s: model.plan.keep.get(s, torch.arange(sp.size)) for s, sp in spaces.items()},
-                model.plan.report)
+    plan = replace(model.plan, keep={s: model.plan.keep.get(s, torch.arange(sp.size)) for s, sp in spaces.items()})
     student = build_target(model.target_config, evidence.seed)
     entry = write_student(model.source, model.teacher_config, student, plan, evidence.pooled_mean, stats)
     entry["parameters_after"] = sum(t.numel() for t in student.state_dict().values())
@@ -330,6 +367,9 @@ def footprint(model: PrunedUNet, module_macs: dict[str, int] | None = None) -> d
     sizes = {s: sp.size for s, sp in model.spaces().items()}
 
     def dropped(name: str) -> bool:
+        m = LAYER_NAME.match(name)
+        if m and m.group(1) in plan.blocks and int(m.group(3)) not in plan.blocks[m.group(1)]:
+            return True
         m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)(\.|$)", name)
         return bool(m and m.group(1) in plan.layers and int(m.group(2)) not in plan.layers[m.group(1)])
 

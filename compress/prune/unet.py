@@ -114,13 +114,22 @@ def _stream(block: str) -> str:
     return block.replace("_blocks.", "").replace("mid_block", "mid")
 
 
-def skip_spaces(cfg: dict) -> list[str]:
-    """The space of every skip connection, in the order up blocks consume them (last pushed first)."""
-    n = len(cfg["block_out_channels"])
+def layers_per_block(cfg: dict) -> list[int]:
+    n, lpb = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    return list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+
+
+def skip_spaces(cfg: dict) -> list[list[str]]:
+    """Per up block, the space of every skip connection its ResNets consume, in order (last pushed first)."""
+    n, lpb = len(cfg["block_out_channels"]), layers_per_block(cfg)
     pushed = ["down0"]
     for s in range(n):
-        pushed += [f"down{s}"] * cfg["layers_per_block"] + ([f"down{s}"] if s < n - 1 else [])
-    return pushed[::-1]
+        pushed += [f"down{s}"] * lpb[s] + ([f"down{s}"] if s < n - 1 else [])
+    pushed, out = pushed[::-1], []
+    for u in range(n):
+        out.append(pushed[:lpb[n - 1 - u] + 1])
+        pushed = pushed[lpb[n - 1 - u] + 1:]
+    return out
 
 
 def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
@@ -162,7 +171,7 @@ def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
         if block.startswith("up_blocks"):
             u = int(m.group(3))
             hidden = (last if u == 0 else f"up{u - 1}") if j == 0 else f"up{u}"
-            into = (hidden, skip_spaces(cfg)[u * (cfg["layers_per_block"] + 1) + j])
+            into = (hidden, skip_spaces(cfg)[u][j])
         elif block == "mid_block" or j > 0 or m.group(2) == "0":
             into = (space,)
         else:
@@ -360,11 +369,13 @@ def select(scores: torch.Tensor, keep: int, space: Space) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------- plan
 @dataclass
 class Plan:
-    """What the student keeps of the teacher: per attention block, which transformer layers (teacher indices); per
-    space, which channels (teacher indices). Built by the passes, consumed by ``materialize``."""
+    """What the student keeps of the teacher, as teacher indices: per attention block (teacher name), which
+    transformer layers; per space, which channels; per down / up block, which layers (a ResNet and the attention
+    block after it). Built by the passes, consumed by ``materialize``."""
     layers: dict[str, list[int]] = field(default_factory=dict)
     keep: dict[str, torch.Tensor] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)
+    blocks: dict[str, list[int]] = field(default_factory=dict)
 
     def index(self, names: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
         parts, offset = [], 0
@@ -422,7 +433,70 @@ def skip_scores(unet: nn.Module, batches: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+LAYER_NAME = re.compile(r"^((?:down|up)_blocks\.\d+)\.(resnets|attentions)\.(\d+)(\..*)?$")
+
+
+def block_layers(keys: Iterable[str]) -> dict[str, int]:
+    """Number of layers (ResNets) of every down and up block, from a list of parameter names."""
+    out: dict[str, int] = {}
+    for k in keys:
+        m = LAYER_NAME.match(k)
+        if m and m.group(2) == "resnets":
+            out[m.group(1)] = max(out.get(m.group(1), 0), int(m.group(3)) + 1)
+    return out
+
+
+def removable_layers(block: str, n_layers: int, n_stages: int) -> list[int]:
+    """Which layers of a block can go without changing what the others read: not a down block's first layer
+    (after stage 0 it widens the stream), not an up block's first (it reads the stage below) nor, above the last
+    stage, its last (it reads the skip across stages)."""
+    stage = int(block.rsplit(".", 1)[1])
+    if block.startswith("down_blocks"):
+        return list(range(n_layers)) if stage == 0 else list(range(1, n_layers))
+    return list(range(1, n_layers if stage == n_stages - 1 else n_layers - 1))
+
+
+def block_norm_scores(source: TensorSource, block: str, n_layers: int) -> list[float]:
+    """Weight-only proxy for a block layer's importance: the squared norm of what its ResNet's second conv and its
+    attention block's output projection write."""
+    out = []
+    for j in range(n_layers):
+        names = (f"{block}.resnets.{j}.conv2.weight", f"{block}.attentions.{j}.proj_out.weight")
+        out.append(sum(float(source.get(n).pow(2).sum()) for n in names if n in source))
+    return out
+
+
+@torch.no_grad()
+def block_skip_scores(unet: nn.Module, batches: list[dict], candidates: dict[str, list[int]]) -> dict[str, list]:
+    """Measured importance of block layers: the relative change of the U-Net's output on calibration batches when a
+    layer's ResNet passes its input through (an up block's drops the skip it concatenates) and its attention block
+    is skipped. Layers not in ``candidates`` score None."""
+    reference = [unet(**b).sample for b in batches]
+    scale = sum(float(r.pow(2).mean()) for r in reference) or 1.0
+    out: dict[str, list] = {}
+    for block, allowed in candidates.items():
+        module = unet.get_submodule(block)
+        out[block] = [None] * len(module.resnets)
+        for j in allowed:
+            res = module.resnets[j]
+            attn = module.attentions[j] if len(getattr(module, "attentions", None) or []) > j else None
+            saved = [(m, m.forward) for m in (res, attn) if m is not None]
+            res.forward = lambda x, *a, width=res.out_channels, **k: x[:, :width]
+            if attn is not None:
+                attn.forward = lambda hidden_states, *a, **k: (hidden_states,)
+            try:
+                out[block][j] = sum(float((unet(**b).sample - r).pow(2).mean())
+                                    for b, r in zip(batches, reference)) / scale
+            finally:
+                for m, f in saved:
+                    m.forward = f
+    return out
+
+
 def student_name_to_teacher(name: str, plan: Plan) -> str:
+    m = LAYER_NAME.match(name)
+    if m and m.group(1) in plan.blocks:
+        name = f"{m.group(1)}.{m.group(2)}.{plan.blocks[m.group(1)][int(m.group(3))]}{m.group(4) or ''}"
     m = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.(.*)$", name)
     if m and m.group(1) in plan.layers:
         return f"{m.group(1)}.transformer_blocks.{plan.layers[m.group(1)][int(m.group(2))]}.{m.group(3)}"

@@ -139,6 +139,56 @@ def test_depth_keeps_the_layers_whose_removal_changes_the_output():
     assert entry["criterion"] == "skip-output-change" and entry["scores"][0] == 0
 
 
+def test_depth_drops_resnet_layers_where_the_skips_still_line_up():
+    """A target with one layer per block: each down block drops a layer (not the one that widens the stream), each
+    up block one (not the one reading the block below, nor the skip across stages); the result loads and runs."""
+    from diffusers import DreamLiteUNetModel
+    t = teacher()
+    s, report = prune_unet(t, dreamlite_twin(t, layers_per_block=1))
+    kept = {e["block"]: e["kept"] for e in report if e.get("unit") == "block layer"}
+    assert kept["down_blocks.1"] == kept["down_blocks.2"] == [0] and kept["up_blocks.0"] == kept["up_blocks.1"] == [0, 2]
+    assert len(kept["down_blocks.0"]) == 1 and kept["up_blocks.2"][0] == 0 and len(kept["up_blocks.2"]) == 2
+    assert report[-1]["parameters_after"] == sum(q.numel() for q in s.parameters()) < sum(q.numel() for q in t.parameters())
+    assert [len(b.resnets) for b in s.down_blocks] == [1, 1, 1] and [len(b.resnets) for b in s.up_blocks] == [2, 2, 2]
+    x = example_inputs(s, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(s(**x).sample).all()
+
+
+@torch.no_grad()
+def test_dropping_block_layers_that_are_identities_is_exact():
+    """The last stage's second layers made identities in the teacher (the down ResNet and attention write nothing;
+    the up ResNet passes its input through and ignores its skip): the student without them is the teacher."""
+    t = teacher()
+    down, up = t.down_blocks[2], t.up_blocks[0]
+    for lin in (down.resnets[1].conv2, down.attentions[1].proj_out, up.resnets[1].conv2, up.attentions[1].proj_out):
+        lin.weight.zero_()
+        lin.bias.zero_()
+    shortcut = up.resnets[1].conv_shortcut
+    shortcut.weight.zero_()
+    shortcut.bias.zero_()
+    shortcut.weight[:, :shortcut.out_channels, 0, 0] = torch.eye(shortcut.out_channels)
+    s, report = prune_unet(t, dreamlite_twin(t, layers_per_block=[2, 2, 1]))
+    kept = {e["block"]: e["kept"] for e in report if e.get("unit") == "block layer"}
+    assert kept == {"down_blocks.2": [0], "up_blocks.0": [0, 2]}
+    assert max_deviation(t, s) < 1e-5
+
+
+def test_measured_depth_drops_the_block_layer_that_changes_nothing():
+    bundle = tiny_bundle("shapes-server")
+    t = bundle.unet
+    with torch.no_grad():  # stage 0's first ResNet writes nothing into its residual stream: it is the identity
+        t.down_blocks[0].resnets[0].conv2.weight.zero_()
+        t.down_blocks[0].resnets[0].conv2.bias.zero_()
+    model = PrunedUNet(StateDictSource(t.state_dict()), dict(t.config), dreamlite_twin(t, layers_per_block=1))
+    after = depth(model, DepthPass(importance="measured"), Evidence(teacher=t, batches=calibration_batches(
+        bundle, 1, 0, batch=2)))
+    entry = next(e for e in after.plan.report if e["block"] == "down_blocks.0")
+    assert entry["scores"][0] == 0 < entry["scores"][1] and entry["kept"] == [1]
+    assert after.plan.blocks["down_blocks.0"] == [1]
+    assert next(e for e in after.plan.report if e["block"] == "down_blocks.1")["scores"][0] is None  # cannot go
+
+
 def test_passes_are_functions_from_model_to_model_and_chain_as_the_recipe_does():
     """Each pass returns a new model and leaves its input as it was; calling them by hand is the recipe's chain."""
     t = teacher()
