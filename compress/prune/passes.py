@@ -56,7 +56,8 @@ class _Pass(BaseModel):
 class DepthPass(_Pass):
     kind: Literal["depth"] = Field("depth", alias="pass")
     importance: Literal["measured", "norm"] | None = Field(
-        None, description="measured: output change when a layer is skipped (default with calibration); norm: weights")
+        None, description="measured: output change when a block or transformer layer is skipped (default with "
+                 "calibration); norm: the weight norm of what it writes")
 
 
 class WidthPass(_Pass):
