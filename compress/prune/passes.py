@@ -202,26 +202,29 @@ def depth(model: PrunedUNet, settings: DepthPass | None = None, evidence: Eviden
     for block, n in sorted(s_blocks.items()):
         have = t_blocks.get(block, n)
         allowed = removable_layers(block, have, len(model.teacher_config["block_out_channels"]))
-        if n > have or have - n > len(allowed):
+        if n > have:
+            raise DreamliteError(f"{block}: the target has {n} layers, the teacher only {have}")
+        if have - n > len(allowed):
             raise DreamliteError(f"{block}: the target has {n} layers, the teacher {have}; at most "
                                  f"{len(allowed)} can go (layers {allowed}: the others widen the stream or read "
                                  "the block below or the skip across stages)")
         if n < have:
             candidates[block] = allowed
-    measured = None
+    measured_blocks = None
     if criterion == "measured" and candidates:
         evidence.say("depth: measuring each block layer's effect on the output")
-        measured = block_skip_scores(evidence.teacher, evidence.calls(), candidates)
+        measured_blocks = block_skip_scores(evidence.teacher, evidence.calls(), candidates)
     blocks = {}
     for block, allowed in candidates.items():
         have = t_blocks[block]
-        scores = measured[block] if measured else [
+        scores = measured_blocks[block] if measured_blocks else [
             x if j in allowed else None for j, x in enumerate(block_norm_scores(source, block, have))]
         blocks[block] = choose("block layer", block, s_blocks[block], have, scores,
                                [block + ".resnets.{}.", block + ".attentions.{}."])
 
     t_depth = transformer_depths(source.keys())
     s_depth = transformer_depths(student_name_to_teacher(k, Plan(blocks=blocks)) for k in student_keys)
+    measured = None
     if criterion == "measured":
         evidence.say("depth: measuring each transformer layer's effect on the output")
         measured = skip_scores(evidence.teacher, evidence.calls())

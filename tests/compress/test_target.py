@@ -142,7 +142,6 @@ def test_depth_keeps_the_layers_whose_removal_changes_the_output():
 def test_depth_drops_resnet_layers_where_the_skips_still_line_up():
     """A target with one layer per block: each down block drops a layer (not the one that widens the stream), each
     up block one (not the one reading the block below, nor the skip across stages); the result loads and runs."""
-    from diffusers import DreamLiteUNetModel
     t = teacher()
     s, report = prune_unet(t, dreamlite_twin(t, layers_per_block=1))
     kept = {e["block"]: e["kept"] for e in report if e.get("unit") == "block layer"}
@@ -172,6 +171,12 @@ def test_dropping_block_layers_that_are_identities_is_exact():
     kept = {e["block"]: e["kept"] for e in report if e.get("unit") == "block layer"}
     assert kept == {"down_blocks.2": [0], "up_blocks.0": [0, 2]}
     assert max_deviation(t, s) < 1e-5
+
+
+def test_a_target_with_more_block_layers_than_the_teacher_is_refused():
+    t = teacher()
+    with pytest.raises(DreamliteError, match="down_blocks.0: the target has 3 layers, the teacher only 2"):
+        prune_unet(t, dreamlite_twin(t, layers_per_block=3))
 
 
 def test_measured_depth_drops_the_block_layer_that_changes_nothing():
