@@ -158,6 +158,14 @@ class Evidence:
         return self._scores[key]
 
 
+def default_importance(kind: str, calibrated: bool) -> str:
+    """A pass's criterion when none is given: measured depth and taylor width / heads with calibration (measured
+    best on the shipped teacher), else write norm and magnitude."""
+    if kind == "depth":
+        return "measured" if calibrated else "norm"
+    return "taylor" if calibrated else "magnitude"
+
+
 def _need_data(label: str, criterion: str, calibrated: bool) -> None:
     if criterion in DATA_CRITERIA and not calibrated:
         raise DreamliteError(f"{label}: importance {criterion!r} needs calibration batches (--calib N), which need a "
@@ -180,7 +188,7 @@ def depth(model: PrunedUNet, settings: DepthPass | None = None, evidence: Eviden
     """Keep the most important layers (a ResNet and its attention block) of every down and up block, then the most
     important transformer layers of every attention block the target keeps."""
     settings, evidence = settings or DepthPass(), evidence or Evidence()
-    criterion = settings.importance or ("measured" if evidence.calibrated else "norm")
+    criterion = settings.importance or default_importance("depth", evidence.calibrated)
     _need_data("passes.depth", criterion, evidence.calibrated)
     source, student_keys = model.source, list(model.shape_model.state_dict())
     label = "skip-output-change" if criterion == "measured" else "write-norm"
@@ -252,7 +260,7 @@ def _channel_pass(model: PrunedUNet, settings, evidence: Evidence, heads: bool) 
     """Keep the best channels of every width space (``heads=False``) or the best whole heads of every attention
     space (``heads=True``), as many as the target has."""
     label = "passes.heads" if heads else "passes.width"
-    criterion = settings.importance or ("taylor" if evidence.calibrated else "magnitude")
+    criterion = settings.importance or default_importance("width", evidence.calibrated)
     _need_data(label, criterion, evidence.calibrated)
     spaces = {s: sp for s, sp in model.spaces().items() if (sp.unit > 1) == heads}
     evidence.say(f"{'heads' if heads else 'width'}: scoring channels ({criterion})")
@@ -341,10 +349,8 @@ def resolve(passes: list | None, calibrated: bool, importance: str | None = None
     if importance:
         width_s = width_s.model_copy(update={"importance": importance})
     label = "--importance" if importance else "passes.width"
-    depth_s = depth_s.model_copy(update={"importance": depth_s.importance or
-                                         ("measured" if calibrated else "norm")})
-    width_s = width_s.model_copy(update={"importance": width_s.importance or
-                                         ("taylor" if calibrated else "magnitude")})
+    depth_s = depth_s.model_copy(update={"importance": depth_s.importance or default_importance("depth", calibrated)})
+    width_s = width_s.model_copy(update={"importance": width_s.importance or default_importance("width", calibrated)})
     heads_s = heads_s.model_copy(update={"importance": heads_s.importance or width_s.importance,
                                          "seed": heads_s.seed if heads_s.seed is not None else width_s.seed})
     for lab, s in (("passes.depth", depth_s), (label, width_s), ("passes.heads", heads_s)):
