@@ -21,6 +21,7 @@ from typing import Annotated, Callable, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from .fsdp import fsdp_requested
 from .io import DreamliteError, identity_track, read_json, write_json, write_text
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -208,7 +209,8 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
     out.mkdir(parents=True, exist_ok=True)
     procs.barrier()
     if procs.state is not None and procs.main:
-        log(f"{procs.state.num_processes} processes ({procs.state.distributed_type.value}); this one writes")
+        how = "; training shards its trained modules (FSDP2)" if fsdp_requested() else ""
+        log(f"{procs.state.num_processes} processes ({procs.state.distributed_type.value}{how}); this one writes")
     if not procs.main:
         log = _quiet
     outputs: dict[str, Path] = {}

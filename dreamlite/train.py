@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fsdp import Sharded, fsdp_requested, like, whole
 from .io import DreamliteError, atomic_path, identity_track
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
-SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}  # what `accelerate launch` sets for sharded modes
+UNSUPPORTED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 class TrainSettings(BaseModel):
@@ -101,38 +101,51 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, step: int, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> None:
-    # Only what is trained: a frozen teacher or text encoder inside the task is not copied into every checkpoint.
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in _trainable(task).items()}
+def save_checkpoint(path: Path, step: int, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
+                    write: bool = True) -> None:
+    """Whole tensors of what is trained (a frozen teacher or text encoder is not copied into every checkpoint).
+    Sharded tensors are gathered, so under FSDP every process calls this and only the one with ``write`` writes."""
+    def gathered(tensors: dict) -> dict:
+        return {k: whole(v.detach()).contiguous().cpu() for k, v in tensors.items()}
+
+    tensors = {f"model.{k}": v for k, v in gathered(_trainable(task)).items()}
     if ema is not None:
-        tensors |= {f"ema.{k}": v.contiguous().cpu() for k, v in ema.shadow.items()}
+        tensors |= {f"ema.{k}": v for k, v in gathered(ema.shadow).items()}
     state = opt.state_dict()
     for i, st in state["state"].items():
         for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim.{i}.{k}"] = whole(v.detach()).contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
+    if not write:
+        return
     meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_checkpoint(path: Path, task: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
-    """Restore everything ``save_checkpoint`` wrote; returns the step to continue from."""
+    """Restore everything ``save_checkpoint`` wrote (each process takes its shard of a sharded tensor); returns the
+    step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = _trainable(task)
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    _, unexpected = task.load_state_dict(model, strict=False)
-    missing = set(_trainable(task)) - set(model)
-    if missing or unexpected:
+    missing, unexpected = set(params) - set(model), set(model) - set(params)
+    resized = [k for k in set(params) & set(model) if params[k].shape != model[k].shape]
+    if missing or unexpected or resized:
         raise DreamliteError(f"{path}: checkpoint does not match the model being trained ({len(missing)} missing, "
-                             f"{len(unexpected)} unexpected tensors); use --restart")
+                             f"{len(unexpected)} unexpected, {len(resized)} resized tensors); use --restart")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(like(model[k], p))
     if ema is not None:
-        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema.shadow = {k[4:]: like(v, params.get(k[4:], v)) for k, v in tensors.items() if k.startswith("ema.")}
+    order = [p for g in opt.param_groups for p in g["params"]]
     state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, i, name = k.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = v
+            state["state"].setdefault(int(i), {})[name] = like(v, order[int(i)])
     opt.load_state_dict(state)
     return int(meta["step"])
 
@@ -148,22 +161,22 @@ def _truncate_log(path: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------------------------------- the loop
 def check_launch() -> None:
-    """Refuse launch modes that shard parameters (``accelerate launch --use_fsdp`` / DeepSpeed) before they start:
-    the loop's checkpoints and EMA read whole parameters in every process, so sharded runs would save one shard."""
+    """Refuse launch modes the loop does not drive (``accelerate launch`` with DeepSpeed or Megatron-LM) before
+    anything is loaded. FSDP (``--use_fsdp``) is driven by the loop itself (``dreamlite.fsdp``)."""
     from accelerate.utils import parse_flag_from_env
 
-    for var, name in SHARDED_LAUNCH.items():
+    for var, name in UNSUPPORTED_LAUNCH.items():
         if parse_flag_from_env(var):
-            raise DreamliteError(f"accelerate: {name} is not supported by the training loop (its checkpoints and "
-                                 "EMA hold whole parameters in every process); launch with DDP (--multi_gpu) or one "
-                                 "process")
+            raise DreamliteError(f"accelerate: {name} is not supported by the training loop; launch with FSDP "
+                                 "(--use_fsdp), DDP (--multi_gpu) or one process")
 
 
 def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folder, track=identity_track,
         log: Callable[[str], None] = print, description: str = "train") -> dict:
     """Train ``task`` for ``s.steps`` optimizer steps, resuming from ``folder/checkpoint.safetensors`` if present.
 
-    Returns the EMA (or raw) parameters are left in ``task`` at the end, and a summary dict.
+    Under ``accelerate launch --use_fsdp`` with several processes the trained modules are sharded (FSDP2) while
+    training. At the end the task's trained parameters hold the EMA (or raw) weights, whole; returns a summary.
     """
     from accelerate import Accelerator
 
@@ -174,6 +187,15 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     parts = s.accumulate * acc.num_processes
     if s.batch % parts:
         raise DreamliteError(f"batch: {s.batch} is not divisible by accumulate x processes = {parts}")
+    sharded = Sharded(task, acc.device) if fsdp_requested() and acc.num_processes > 1 else None
+    if sharded is not None and acc.is_main_process:
+        log(f"      FSDP2: {', '.join(sharded.originals)} sharded over {acc.num_processes} processes")
+    with sharded or contextlib.nullcontext():
+        return _loop(acc, task, sharded, batches, s, folder, track, log, description)
+
+
+def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettings, folder: Path, track, log,
+          description: str) -> dict:
     params = _trainable(task)
     opt = torch.optim.AdamW(params.values(), lr=s.lr, weight_decay=s.weight_decay)
     ema = EMA(params, s.ema) if s.ema > 0 else None
@@ -182,7 +204,13 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     if start and acc.is_main_process:
         log(f"      resuming at step {start} from {ckpt}")
     _truncate_log(log_path, start)
-    model, opt = acc.prepare(task, opt)
+    if sharded is None:
+        model, opt = acc.prepare(task, opt)  # DDP when launched with several processes
+        no_sync = lambda: acc.no_sync(model)  # noqa: E731
+        clip = lambda: acc.clip_grad_norm_(model.parameters(), s.grad_clip)  # noqa: E731
+    else:  # the gradients are reduce-scattered by FSDP's own hooks
+        model, no_sync = task, sharded.no_sync
+        clip = lambda: torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip)  # noqa: E731
     unwrapped = acc.unwrap_model(model)
     params = _trainable(unwrapped)
     recent: list[float] = []
@@ -195,7 +223,7 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
         logs: dict[str, float] = {}
         for m in range(s.accumulate):
             micro = split(batch, m, s.accumulate)
-            sync = contextlib.nullcontext() if m == s.accumulate - 1 else acc.no_sync(model)
+            sync = contextlib.nullcontext() if m == s.accumulate - 1 else no_sync()
             with sync, acc.autocast():
                 loss, parts_log = model(**micro)
             if not torch.isfinite(loss):
@@ -205,7 +233,7 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
             for k, v in {"loss": loss.detach(), **parts_log}.items():
                 logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) / s.accumulate
         logs = _mean_over_processes(acc, logs)
-        acc.clip_grad_norm_(model.parameters(), s.grad_clip)
+        clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -222,9 +250,11 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
                 log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
         if done % s.checkpoint_every == 0 or done == s.steps:
             acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(ckpt, done, unwrapped, opt, ema)
-    if ema is not None:
+            if sharded is not None or acc.is_main_process:  # gathering shards takes every process
+                save_checkpoint(ckpt, done, unwrapped, opt, ema, write=acc.is_main_process)
+    if sharded is not None:
+        sharded.gather_back(ema.shadow if ema is not None else params)
+    elif ema is not None:
         ema.copy_to(unwrapped)
     if acc.is_main_process and log_path.is_file():
         plot_loss(log_path, folder / "loss.png")

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,12 +75,13 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / CHECKPOINT).is_file()
 
 
-@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_launches_are_refused_before_training(tmp_path, monkeypatch, var, name):
-    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; the loop would checkpoint one shard of each tensor."""
+@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                       ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
+def test_launches_the_loop_does_not_drive_are_refused_before_training(tmp_path, monkeypatch, var, name):
+    """`accelerate launch --use_deepspeed` (or Megatron-LM) sets these; the loop drives only DDP and FSDP."""
     monkeypatch.setenv(var, "true")
     s = TrainSettings(steps=2, batch=1, warmup=0)
-    with pytest.raises(DreamliteError, match=f"accelerate: {name} is not supported.*DDP"):
+    with pytest.raises(DreamliteError, match=f"accelerate: {name} is not supported.*--use_fsdp"):
         fit(Exploding(), lambda step: {"x": torch.tensor([1.0])}, s, tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
 
@@ -88,3 +94,27 @@ def test_offset_noise_shifts_each_image_by_one_colour():
     image = codec.decode(offset_noise(noise, offset, 0.1, codec, (64, 64)))
     assert torch.allclose(image[:, 0], torch.full((2, 64, 64), 0.1)) and torch.allclose(image[:, 1], torch.tensor(-0.2))
     assert torch.equal(offset_noise(noise, offset, 0.0, codec, (64, 64)), noise)
+
+
+def test_fsdp_resumes_exactly_and_follows_one_process(tmp_path):
+    """Two processes under `accelerate launch --use_fsdp` (gloo on CPU): killed after 2 of 4 steps and run again,
+    the sharded run ends where an uninterrupted sharded run ends (1e-6), and near one process with the same global
+    batch; gradient accumulation holds the reduce-scatter until the last micro-batch."""
+    from safetensors.torch import load_file
+    from tiny_fit import Tiny
+    script = str(Path(__file__).with_name("tiny_fit.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]
+    runs = [([sys.executable, script], "one", 4), (fsdp, "whole", 4), (fsdp, "split", 2), (fsdp, "split", 4)]
+    for cmd, name, steps in runs:
+        done = subprocess.run([*cmd, str(tmp_path / name), str(steps)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming at step 2" in done.stdout and "FSDP2: layers sharded over 2 processes" in done.stdout
+    one, whole, split = (load_file(tmp_path / name / "final.safetensors") for name in ("one", "whole", "split"))
+    start = Tiny().state_dict()
+    assert all(torch.allclose(whole[k], split[k], atol=1e-6) for k in one)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    assert moved > 1e-3 and max((one[k] - whole[k]).abs().max().item() for k in one) < 0.05 * moved
+    assert torch.equal(whole["frozen.weight"], start["frozen.weight"])
+

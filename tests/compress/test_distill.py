@@ -185,8 +185,8 @@ def test_recover_trains_every_phase_and_resumes_exactly(tmp_path, monkeypatch):
     import dreamlite.train as train
     real, calls = train.save_checkpoint, []
 
-    def dying(path, step, *a):
-        real(path, step, *a)
+    def dying(path, step, *a, **kw):
+        real(path, step, *a, **kw)
         calls.append(path)
         if "02-edit" in str(path):
             raise KeyboardInterrupt
