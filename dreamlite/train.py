@@ -105,16 +105,21 @@ def save_checkpoint(path: Path, step: int, task: nn.Module, opt: torch.optim.Opt
                     write: bool = True) -> None:
     """Whole tensors of what is trained (a frozen teacher or text encoder is not copied into every checkpoint).
     Sharded tensors are gathered, so under FSDP every process calls this and only the one with ``write`` writes."""
-    def gathered(tensors: dict) -> dict:
-        return {k: whole(v.detach()).contiguous().cpu() for k, v in tensors.items()}
+    tensors: dict[str, torch.Tensor] = {}
 
-    tensors = {f"model.{k}": v for k, v in gathered(_trainable(task)).items()}
-    if ema is not None:
-        tensors |= {f"ema.{k}": v for k, v in gathered(ema.shadow).items()}
+    def keep(name: str, v) -> None:  # a process that does not write gathers its part and drops the whole tensor
+        v = whole(v.detach()) if torch.is_tensor(v) else torch.tensor(v)
+        if write:
+            tensors[name] = v.contiguous().cpu()
+
+    for k, v in _trainable(task).items():
+        keep(f"model.{k}", v)
+    for k, v in (ema.shadow if ema is not None else {}).items():
+        keep(f"ema.{k}", v)
     state = opt.state_dict()
     for i, st in state["state"].items():
         for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = whole(v.detach()).contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
+            keep(f"optim.{i}.{k}", v)
     if not write:
         return
     meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}

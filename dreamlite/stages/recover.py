@@ -47,7 +47,7 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     from dreamlite.models.bundle import load_bundle
     from dreamlite.train import check_launch
 
-    check_launch()  # before loading anything: a sharded launch would fail only after the held-out losses
+    check_launch()  # before loading anything: a DeepSpeed launch would fail only after the held-out losses
     student = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.student)
     spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher
     teacher = load_bundle(spec) if spec else None
