@@ -85,6 +85,68 @@ class _Writer:
         self.origin[name], self.numel[name] = origin, value.numel()
 
 
+class _Slicer:
+    """The kept slices of one teacher tensor, in the student's order: pruned input channels folded into the kept ones
+    (and into the bias) where calibration gave their statistics, GroupNorms corrected for the channels their groups
+    lost, a wider text projection padded with zero columns."""
+
+    def __init__(self, source: TensorSource, tcfg: dict, plan: Plan, sizes: dict[str, int], calib: Calibration):
+        self.source, self.tcfg, self.plan, self.sizes, self.calib = source, tcfg, plan, sizes, calib
+        self.folds: dict[str, torch.Tensor] = {}  # module -> what its bias gains from folding its pruned inputs
+        self.renormalized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # GroupNorm -> corrected (gain, bias)
+
+    def __call__(self, tname: str, student_shape: tuple[int, ...]) -> torch.Tensor:
+        source, tcfg, calib = self.source, self.tcfg, self.calib
+        module, part = tname.rsplit(".", 1)
+        if module in calib.norms:  # a GroupNorm: corrected for the channels its groups lost
+            index = self.plan.index(dims_of(tname, source.shape(tname), tcfg)[0], self.sizes)
+            if len(index) < source.shape(tname)[0]:
+                if module not in self.renormalized:  # weight and bias come from one correction
+                    self.renormalized[module] = renormalize(source.get(f"{module}.weight"),
+                                                            source.get(f"{module}.bias"), index, calib.norms[module])
+                return self.renormalized[module][part == "bias"]
+        t = source.get(tname)
+        for d, names in enumerate(dims_of(tname, tuple(t.shape), tcfg)):
+            if names is None:
+                continue
+            if names == ("text",):
+                if student_shape[d] > t.shape[d]:  # a wider text encoder: new columns start at zero
+                    pad = list(t.shape)
+                    pad[d] = student_shape[d] - t.shape[d]
+                    t = torch.cat([t, t.new_zeros(pad)], dim=d)
+                continue
+            index = self.plan.index(names, self.sizes)
+            if d == 1 and part == "weight" and module in calib.inputs and len(index) < t.shape[1]:
+                t, self.folds[module] = fold_pruned_inputs(t, index, calib.inputs[module])
+            else:
+                t = t.index_select(d, index)
+        if module in calib.inputs:
+            if part == "weight":
+                self.folds.setdefault(module, 0)  # nothing folded: the bias gains nothing
+            elif part == "bias":
+                if module not in self.folds:  # the bias came before its weight
+                    self(f"{module}.weight", ())
+                t = t + self.folds[module]
+        return t
+
+
+def _initial_value(name: str, target: torch.Tensor) -> torch.Tensor:
+    """A new tensor's start: new transformer blocks as the identity, a wider text projection as identity-and-zeros,
+    RMSNorm gains at 1; anything else keeps the target's fresh initialisation."""
+    value = target.detach().clone()
+    if re.search(r"attentions\.\d+\.proj_out\.(weight|bias)$", name):
+        value.zero_()  # a new transformer block starts as the identity (its residual adds zero)
+    elif name.startswith("encoder_hid_proj.0.weight"):
+        value.zero_()
+        n = min(value.shape)
+        value[:n, :n] = torch.eye(n)  # identity on the teacher's text width, zeros for the rest
+    elif name.startswith("encoder_hid_proj.0.bias"):
+        value.zero_()
+    elif re.search(r"(norm_q|norm_k|encoder_hid_proj\.1)\.weight$", name):
+        value.fill_(1.0)
+    return value
+
+
 def write_student(source: TensorSource, tcfg: dict, student: nn.Module, plan: Plan,
                 pooled_mean: torch.Tensor | None = None, calib: Calibration | None = None) -> dict:
     """Write every tensor of ``student`` (built from the target config, freshly initialised) from the teacher's kept
@@ -99,43 +161,7 @@ def write_student(source: TensorSource, tcfg: dict, student: nn.Module, plan: Pl
     fit_errors: dict[str, list[float]] = {"conv1_rank1": [], "conv2_rank2": []}
     dropped: list[str] = []
     notes: dict[str, float] = {}
-
-    folds: dict[str, torch.Tensor] = {}  # module -> what its bias gains from folding its pruned inputs
-    renormalized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # GroupNorm -> corrected (gain, bias)
-
-    def sliced(tname: str, student_shape: tuple[int, ...]) -> torch.Tensor:
-        module, part = tname.rsplit(".", 1)
-        if module in calib.norms:  # a GroupNorm: corrected for the channels its groups lost
-            index = plan.index(dims_of(tname, source.shape(tname), tcfg)[0], sizes)
-            if len(index) < source.shape(tname)[0]:
-                if module not in renormalized:  # weight and bias come from one correction
-                    renormalized[module] = renormalize(source.get(f"{module}.weight"), source.get(f"{module}.bias"),
-                                                       index, calib.norms[module])
-                return renormalized[module][part == "bias"]
-        t = source.get(tname)
-        for d, names in enumerate(dims_of(tname, tuple(t.shape), tcfg)):
-            if names is None:
-                continue
-            if names == ("text",):
-                if student_shape[d] > t.shape[d]:  # a wider text encoder: new columns start at zero
-                    pad = list(t.shape)
-                    pad[d] = student_shape[d] - t.shape[d]
-                    t = torch.cat([t, t.new_zeros(pad)], dim=d)
-                continue
-            index = plan.index(names, sizes)
-            if d == 1 and part == "weight" and module in calib.inputs and len(index) < t.shape[1]:
-                t, folds[module] = fold_pruned_inputs(t, index, calib.inputs[module])
-            else:
-                t = t.index_select(d, index)
-        if module in calib.inputs:
-            if part == "weight":
-                folds.setdefault(module, 0)  # nothing folded: the bias gains nothing
-            elif part == "bias":
-                if module not in folds:  # the bias came before its weight
-                    sliced(f"{module}.weight", ())
-                t = t + folds[module]
-        return t
-
+    sliced = _Slicer(source, tcfg, plan, sizes, calib)
     for name, target in sd.items():
         if name in w:
             continue
@@ -176,23 +202,17 @@ def write_student(source: TensorSource, tcfg: dict, student: nn.Module, plan: Pl
             w.put(name, _identity_shortcut(student_name_to_teacher(short.group(1), plan), source, tcfg, plan, sizes,
                                            target), "inherited")
             continue
-        # New parts: nothing in the teacher to inherit.
-        value = target.detach().clone()
-        if re.search(r"attentions\.\d+\.proj_out\.(weight|bias)$", name):
-            value.zero_()  # a new transformer block starts as the identity (its residual adds zero)
-        elif name.startswith("encoder_hid_proj.0.weight"):
-            value.zero_()
-            n = min(value.shape)
-            value[:n, :n] = torch.eye(n)  # identity on the teacher's text width, zeros for the rest
-        elif name.startswith("encoder_hid_proj.0.bias"):
-            value.zero_()
-        elif re.search(r"(norm_q|norm_k|encoder_hid_proj\.1)\.weight$", name):
-            value.fill_(1.0)
-        w.put(name, value, "new")
+        w.put(name, _initial_value(name, target), "new")  # nothing in the teacher to inherit
 
     missing = [n for n in sd if n not in w]
     if missing:
         raise DreamliteError(f"{missing[0]}: no rule wrote this tensor of the target")
+    return _report(student, w, sliced, fit_errors, notes, dropped)
+
+
+def _report(student: nn.Module, w: _Writer, sliced: _Slicer, fit_errors: dict[str, list[float]],
+            notes: dict[str, float], dropped: list[str]) -> dict:
+    """What materialize did: parameters inherited, fitted and new; mean fit errors; folds and corrections."""
     counts = {k: 0 for k in ("inherited", "fitted", "new")}
     for name, origin in w.origin.items():
         counts[origin] += w.numel[name]
@@ -203,8 +223,8 @@ def write_student(source: TensorSource, tcfg: dict, student: nn.Module, plan: Pl
         if v:
             report[f"{k}_fit_error_mean"] = round(float(np.mean(v)), 4)
     report.update({k: round(v, 6) for k, v in notes.items()})
-    report["folded_inputs"] = len([f for f in folds.values() if torch.is_tensor(f)])
-    report["renormalized_groupnorms"] = len(renormalized)
+    report["folded_inputs"] = len([f for f in sliced.folds.values() if torch.is_tensor(f)])
+    report["renormalized_groupnorms"] = len(sliced.renormalized)
     return report
 
 
