@@ -183,6 +183,35 @@ def prune_pass(settings: type):
     return register
 
 
+def _block_candidates(t_blocks: dict[str, int], s_blocks: dict[str, int], stages: int) -> dict[str, list[int]]:
+    """Per down / up block that loses layers, the layers that may go; a target that asks for more layers than the
+    teacher has, or for removing one that cannot go, is refused."""
+    candidates = {}
+    for block, n in sorted(s_blocks.items()):
+        have = t_blocks.get(block, n)
+        allowed = removable_layers(block, have, stages)
+        if n > have:
+            raise DreamliteError(f"{block}: the target has {n} layers, the teacher only {have}")
+        if have - n > len(allowed):
+            raise DreamliteError(f"{block}: the target has {n} layers, the teacher {have}; at most "
+                                 f"{len(allowed)} can go (layers {allowed}: the others widen the stream or read "
+                                 "the block below or the skip across stages)")
+        if n < have:
+            candidates[block] = allowed
+    return candidates
+
+
+def _choice(source, unit: str, where: str, n: int, have: int, scores: list, prefixes: list[str], label: str) -> dict:
+    """Keep the ``n`` best-scored of ``have`` layers (a score of None: the layer cannot go); the report entry."""
+    ranked = [j for j in np.argsort([-np.inf if x is None else x for x in scores])[::-1] if scores[j] is not None]
+    forced = [j for j in range(have) if scores[j] is None]
+    kept = sorted(int(j) for j in forced + ranked[:n - len(forced)])
+    gone = tuple(p.format(j) for p in prefixes for j in range(have) if j not in kept)
+    return {"pass": "depth", "unit": unit, "block": where, "teacher_layers": have, "kept": kept,
+            "parameters_removed": sum(int(np.prod(source.shape(k))) for k in source.keys() if k.startswith(gone)),
+            "scores": [None if x is None else round(float(x), 6) for x in scores], "criterion": label}
+
+
 @prune_pass(DepthPass)
 def depth(model: PrunedUNet, settings: DepthPass | None = None, evidence: Evidence | None = None) -> PrunedUNet:
     """Keep the most important layers (a ResNet and its attention block) of every down and up block, then the most
@@ -194,30 +223,12 @@ def depth(model: PrunedUNet, settings: DepthPass | None = None, evidence: Eviden
     label = "skip-output-change" if criterion == "measured" else "write-norm"
 
     def choose(unit: str, where: str, n: int, have: int, scores: list, prefixes: list[str]) -> list[int]:
-        ranked = [j for j in np.argsort([-np.inf if x is None else x for x in scores])[::-1] if scores[j] is not None]
-        forced = [j for j in range(have) if scores[j] is None]  # layers that cannot go
-        kept = sorted(int(j) for j in forced + ranked[:n - len(forced)])
-        gone = tuple(p.format(j) for p in prefixes for j in range(have) if j not in kept)
-        entries.append({"pass": "depth", "unit": unit, "block": where, "teacher_layers": have, "kept": kept,
-                        "parameters_removed": sum(int(np.prod(source.shape(k))) for k in source.keys()
-                                                  if k.startswith(gone)),
-                        "scores": [None if x is None else round(float(x), 6) for x in scores], "criterion": label})
-        return kept
+        entries.append(_choice(source, unit, where, n, have, scores, prefixes, label))
+        return entries[-1]["kept"]
 
     entries: list[dict] = []
     t_blocks, s_blocks = block_layers(source.keys()), block_layers(student_keys)
-    candidates = {}
-    for block, n in sorted(s_blocks.items()):
-        have = t_blocks.get(block, n)
-        allowed = removable_layers(block, have, len(model.teacher_config["block_out_channels"]))
-        if n > have:
-            raise DreamliteError(f"{block}: the target has {n} layers, the teacher only {have}")
-        if have - n > len(allowed):
-            raise DreamliteError(f"{block}: the target has {n} layers, the teacher {have}; at most "
-                                 f"{len(allowed)} can go (layers {allowed}: the others widen the stream or read "
-                                 "the block below or the skip across stages)")
-        if n < have:
-            candidates[block] = allowed
+    candidates = _block_candidates(t_blocks, s_blocks, len(model.teacher_config["block_out_channels"]))
     measured_blocks = None
     if criterion == "measured" and candidates:
         evidence.say("depth: measuring each block layer's effect on the output")
