@@ -132,6 +132,60 @@ def skip_spaces(cfg: dict) -> list[list[str]]:
     return out
 
 
+def _resnet_dims(m: re.Match, j: int, part: str, space: str, cfg: dict) -> Dims:
+    """Spaces of the first two dims of ResNet ``j``'s tensor ``part`` in the block that ``m`` (``_BLOCK``) matched."""
+    block = m.group(1)
+    n = len(cfg["block_out_channels"])
+    inner = (f"{block}.resnets.{j}",)
+    if block.startswith("up_blocks"):
+        u = int(m.group(3))
+        hidden = (f"down{n - 1}" if u == 0 else f"up{u - 1}") if j == 0 else f"up{u}"
+        into = (hidden, skip_spaces(cfg)[u][j])
+    elif block == "mid_block" or j > 0 or m.group(2) == "0":
+        into = (space,)
+    else:
+        into = (f"down{int(m.group(2)) - 1}",)
+    out = (space,)
+    table = {"norm1": (into,), "conv1": (inner, into), "time_emb_proj": (inner, ("temb",)), "norm2": (inner,),
+             "conv2": (out, inner), "conv_shortcut": (out, into)}
+    layer, kind = part.rsplit(".", 1)
+    spaces = table[layer]
+    return spaces if kind == "weight" else spaces[:1]
+
+
+def _attention_dims(attn: str, part: str, space: str) -> Dims | None:
+    """Spaces of the first two dims of tensor ``part`` of attention block ``attn``; None where no space applies."""
+    x = (f"{attn}.x",)
+    if part.startswith("norm."):
+        return ((space,),)
+    if part.startswith("proj_in."):
+        return (x, (space,)) if part.endswith("weight") else (x,)
+    if part.startswith("proj_out."):
+        return ((space,), x) if part.endswith("weight") else ((space,),)
+    t = re.match(r"transformer_blocks\.(\d+)\.(.*)$", part)
+    if t is None:
+        return None
+    blk, sub = f"{attn}.transformer_blocks.{t.group(1)}", t.group(2)
+    if re.match(r"norm\d\.", sub):
+        return (x,)
+    q = re.match(r"(attn\d)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.(weight|bias)$", sub)
+    if q:
+        heads = (f"{blk}.{q.group(1)}",)
+        proj, kind = q.group(2), q.group(3)
+        if proj == "to_out.0":
+            return (x, heads) if kind == "weight" else (x,)
+        if proj in ("norm_q", "norm_k"):
+            return (None,)
+        into = ("text",) if (q.group(1) == "attn2" and proj != "to_q") else x
+        return (heads, into) if kind == "weight" else (heads,)
+    ff = (f"{blk}.ff",)
+    if sub.startswith("ff.net.0.proj."):  # GEGLU: [value; gate], both halves indexed by the same hidden units
+        return (ff + ff, x) if sub.endswith("weight") else (ff + ff,)
+    if sub.startswith("ff.net.2."):
+        return (x, ff) if sub.endswith("weight") else (x,)
+    return None
+
+
 def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
     """The coupled spaces of each dim of one U-Net tensor (teacher naming). The mid block shares the last down
     block's stream (its ResNets have no shortcut); a downsampler's output is the stream it samples."""
@@ -166,53 +220,12 @@ def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
         return ((space,), (space,)) + rest if name.endswith("weight") else ((space,),)
     r = re.match(r"resnets\.(\d+)\.(.*)$", local)
     if r:
-        j, part = int(r.group(1)), r.group(2)
-        inner = (f"{block}.resnets.{j}",)
-        if block.startswith("up_blocks"):
-            u = int(m.group(3))
-            hidden = (last if u == 0 else f"up{u - 1}") if j == 0 else f"up{u}"
-            into = (hidden, skip_spaces(cfg)[u][j])
-        elif block == "mid_block" or j > 0 or m.group(2) == "0":
-            into = (space,)
-        else:
-            into = (f"down{int(m.group(2)) - 1}",)
-        out = (space,)
-        table = {"norm1": (into,), "conv1": (inner, into), "time_emb_proj": (inner, ("temb",)), "norm2": (inner,),
-                 "conv2": (out, inner), "conv_shortcut": (out, into)}
-        layer, kind = part.rsplit(".", 1)
-        spaces = table[layer]
-        return spaces + rest if kind == "weight" else spaces[:1]
+        return _resnet_dims(m, int(r.group(1)), r.group(2), space, cfg) + (rest if name.endswith("weight") else ())
     a = re.match(r"attentions\.(\d+)\.(.*)$", local)
     if a:
-        attn = f"{block}.attentions.{a.group(1)}"
-        part, x = a.group(2), (f"{attn}.x",)
-        if part.startswith("norm."):
-            return ((space,),)
-        if part.startswith("proj_in."):
-            return (x, (space,)) + rest if part.endswith("weight") else (x,)
-        if part.startswith("proj_out."):
-            return ((space,), x) + rest if part.endswith("weight") else ((space,),)
-        t = re.match(r"transformer_blocks\.(\d+)\.(.*)$", part)
-        if t is None:
-            return (None,) * len(shape)
-        blk, sub = f"{attn}.transformer_blocks.{t.group(1)}", t.group(2)
-        if re.match(r"norm\d\.", sub):
-            return (x,)
-        q = re.match(r"(attn\d)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.(weight|bias)$", sub)
-        if q:
-            heads = (f"{blk}.{q.group(1)}",)
-            proj, kind = q.group(2), q.group(3)
-            if proj == "to_out.0":
-                return (x, heads) if kind == "weight" else (x,)
-            if proj in ("norm_q", "norm_k"):
-                return (None,)
-            into = ("text",) if (q.group(1) == "attn2" and proj != "to_q") else x
-            return (heads, into) if kind == "weight" else (heads,)
-        ff = (f"{blk}.ff",)
-        if sub.startswith("ff.net.0.proj."):  # GEGLU: [value; gate], both halves indexed by the same hidden units
-            return (ff + ff, x) if sub.endswith("weight") else (ff + ff,)
-        if sub.startswith("ff.net.2."):
-            return (x, ff) if sub.endswith("weight") else (x,)
+        dims = _attention_dims(f"{block}.attentions.{a.group(1)}", a.group(2), space)
+        if dims is not None:
+            return dims + (rest if a.group(2).startswith(("proj_in.", "proj_out.")) and name.endswith("weight") else ())
     return (None,) * len(shape)
 
 
