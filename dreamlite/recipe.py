@@ -274,6 +274,28 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _flat(d: dict) -> dict:
+    """A nested dict's leaves, each under its own key ({"mean": m, "per_sigma": {"1.0": a}} -> {"mean": m, "1.0": a})."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v) if isinstance(v, dict) else {k: v})
+    return out
+
+
+def _table_rows(table: dict) -> dict[str, dict]:
+    """One row per entry of a metrics table; an entry whose cells are themselves tables gives one row per cell."""
+    rows = {}
+    for k, v in table.items():
+        if not isinstance(v, dict):
+            rows[k] = {"value": v}
+        elif any(isinstance(c, dict) for c in v.values()):
+            rows.update({f"{k}: {c}": _flat(cell) if isinstance(cell, dict) else {"value": cell}
+                         for c, cell in v.items()})
+        else:
+            rows[k] = v
+    return rows
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# {report['recipe']}", "", report["description"], "",
              f"Recipe `{report['recipe_file']}`, seed {report['seed']}.", "",
@@ -283,12 +305,10 @@ def report_markdown(report: dict) -> str:
     for r in report["stages"]:
         tables = {k: v for k, v in r["metrics"].items() if isinstance(v, dict)}
         for key, table in tables.items():
-            lines += ["", f"## {r['folder']}: {key}", ""]
-            first = next(iter(table.values()))
-            if isinstance(first, dict):
-                cols = list(first)
-                lines += ["| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-                lines += [f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for k, v in table.items()]
-            else:
-                lines += ["| | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
+            rows = _table_rows(table)
+            cols = list(dict.fromkeys(c for row in rows.values() for c in row))
+            lines += ["", f"## {r['folder']}: {key}", "", "| | " + " | ".join(cols) + " |",
+                      "|---|" + "---:|" * len(cols)]
+            lines += [f"| {k} | " + " | ".join(_fmt(row[c]) if c in row else "" for c in cols) + " |"
+                      for k, row in rows.items()]
     return "\n".join(lines) + "\n"

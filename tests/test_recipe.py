@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from dreamlite.io import DreamliteError
-from dreamlite.recipe import load_recipe, run_recipe, stage_kinds
+from dreamlite.recipe import load_recipe, report_markdown, run_recipe, stage_kinds
 
 from conftest import REPO
 
@@ -310,3 +310,17 @@ def test_two_processes_follow_one_process(tmp_path, tiny_folders, launch, shown)
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     # gradients differ only by the order of the float reduction; Adam's normalised steps keep that within ~1e-4
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 0.05 * moved
+
+def test_report_tables_show_nested_metrics_as_columns():
+    """Tables nested in a stage's metrics (recover's held-out losses per sigma) become rows and columns of numbers,
+    not a Python dict printed in a cell."""
+    held = {"before": {"t2i": {"mean": 1.25, "per_sigma": {"1.0": 0.5, "0.5": 2.0}}, "copy": {"mean": 0.25}},
+            "after": {"t2i": {"mean": 0.125, "per_sigma": {"1.0": 0.25, "0.5": 0.0}}, "copy": {"mean": 0.25}}}
+    md = report_markdown({"recipe": "r", "description": "d", "recipe_file": "r.yaml", "seed": 0, "stages": [
+        {"folder": "01-recover", "kind": "recover", "seconds": 1.0,
+         "metrics": {"steps": 4, "held_out": held, "per_tag": {"a": 0.5}}}]})
+    assert "{" not in md
+    assert "| | mean | 1.0 | 0.5 |" in md
+    assert "| before: t2i | 1.250 | 0.500 | 2.000 |" in md
+    assert "| after: copy | 0.250 |  |  |" in md
+    assert "| a | 0.500 |" in md
