@@ -10,8 +10,10 @@ the file one process writes, and either kind of run resumes the other's.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import functools
 from typing import Iterator
 
 import torch
@@ -25,6 +27,20 @@ def fsdp_requested() -> bool:
     from accelerate.utils import parse_flag_from_env
 
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still whole (registered once).
+
+    Left to interpreter finalisation, gloo's worker threads can still hold the tensors of FSDP's asynchronous
+    collectives; freeing them then takes the GIL of a dying interpreter and aborts the process (SIGABRT), which
+    fails a run that had finished (seen on CPU under load)."""
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 def _is_sharded(t: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ from typing import Annotated, Callable, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from .fsdp import fsdp_requested
+from .fsdp import destroy_process_group_at_exit, fsdp_requested
 from .io import DreamliteError, identity_track, read_json, write_json, write_text
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -84,6 +84,7 @@ class _Processes:
             import torch
             from accelerate import PartialState
             self.state = PartialState(cpu=not torch.cuda.is_available())
+            destroy_process_group_at_exit()
         self.main = self.state is None or self.state.is_main_process
 
     def barrier(self) -> None:

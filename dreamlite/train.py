@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .fsdp import Sharded, fsdp_requested, like, whole
+from .fsdp import Sharded, destroy_process_group_at_exit, fsdp_requested, like, whole
 from .io import DreamliteError, atomic_path, identity_track
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -189,6 +189,8 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if s.precision == "bf16" else "no")
+    if acc.num_processes > 1:
+        destroy_process_group_at_exit()
     parts = s.accumulate * acc.num_processes
     if s.batch % parts:
         raise DreamliteError(f"batch: {s.batch} is not divisible by accumulate x processes = {parts}")
