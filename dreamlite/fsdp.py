@@ -5,8 +5,9 @@ The trained parameters, their gradients and the optimizer state are split across
 a sharded copy while the original waits in host memory; at the end the whole tensors are gathered back into the
 originals, so callers keep plain modules (sampling, saving, the next phase). Frozen children (a teacher, a text
 encoder) are not sharded: every process holds them whole. A task must call its trained children (their forward), not
-read their tensors directly: FSDP gathers a unit's parameters only around its forward. Checkpoints and EMA read and write whole tensors, so a checkpoint written under FSDP is
-the file one process writes, and either kind of run resumes the other's.
+read their tensors directly: FSDP gathers a unit's parameters only around its forward. Checkpoints and EMA read and
+write whole tensors, so a checkpoint written under FSDP is the file one process writes, and either kind of run
+resumes the other's.
 """
 from __future__ import annotations
 
