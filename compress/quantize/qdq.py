@@ -110,8 +110,9 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
     with tempfile.TemporaryDirectory() as tmp:
         src, torch_model = Path(model), None
         if not (src / MANIFEST).is_file():
-            say("export: fp32 ONNX")
             torch_model = load_bundle(model)
+            _check_sampler(torch_model, model, calib_data)  # before the slow export
+            say("export: fp32 ONNX")
             export_artifact(torch_model, Path(tmp) / "fp32", size, mode, batch)
             src = Path(tmp) / "fp32"
         fp32 = load_bundle(str(src))
@@ -176,14 +177,18 @@ def _check_options(scheme, calib, backend, calib_data, keep_float, sensitivity, 
         raise DreamliteError(f"--calib-data: {calib_data!r} is not one of {', '.join(CALIB_DATA)}")
 
 
+def _check_sampler(bundle, model: str, calib_data: str) -> None:
+    if calib_data == "sampler" and bundle.text is None:
+        raise DreamliteError(f"--calib-data: {model} has no text encoder, so the sampler cannot run for "
+                             "calibration; pass --calib-data random")
+
+
 def _feeds(fp32, model: str, calib: int, calib_data: str, seed: int, steps: int | None, say) -> list[dict]:
     """The calibration feeds of the fp32 artifact bundle ``fp32``: the sampler's calls, or Gaussian feeds."""
     if calib_data == "random":
         say(f"calibration: {calib} Gaussian feeds, timesteps across the schedule")
         return random_feeds(fp32.meta["artifact"], calib, seed)
-    if fp32.text is None:
-        raise DreamliteError(f"--calib-data: {model} has no text encoder, so the sampler cannot run for "
-                             "calibration; pass --calib-data random")
+    _check_sampler(fp32, model, calib_data)
     say(f"calibration: running the sampler ({calib} generations{' and edits' if fp32.in_context else ''})")
     return calibration_feeds(fp32, calib, seed, steps)
 

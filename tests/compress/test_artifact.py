@@ -305,11 +305,13 @@ def test_random_calibration_at_batch_one_for_a_model_that_cannot_sample(tiny_fol
     shutil.rmtree(bare / "text_encoder")
     r = invoke("quantize", "--model", bare, "--batch", 1, "--calib", 1, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "has no text encoder" in r.output and "--calib-data random" in r.output, r.output
+    assert "export:" not in r.output  # refused before the export, not after it
     assert not (tmp_path / "o").exists()
     r = invoke("quantize", "--model", bare, "--batch", 1, "--calib", 3, "--calib-data", "random",
                "--out", tmp_path / "q")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert "export: fp32 ONNX" in r.output
     assert m["batch"] == 1 and m["inputs"][0]["shape"][0] == 1
     assert m["calibration"]["data"] == "random" and m["calibration"]["denoiser_calls"] == 2
     assert m["check"]["relative_error_vs_fp32"] < 0.15  # on a Gaussian feed neither calibration feed saw
