@@ -191,7 +191,7 @@ def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
     block's stream (its ResNets have no shortcut); a downsampler's output is the stream it samples."""
     n = len(cfg["block_out_channels"])
     last = f"down{n - 1}"
-    rest = (None,) * (len(shape) - 2) if len(shape) > 2 else ()
+    rest = (None,) * (len(shape) - 2) if len(shape) > 2 else ()  # a conv kernel's spatial dims (none elsewhere)
     m = _BLOCK.match(name)
     if name.startswith("conv_in."):
         return (("down0",),) + (None,) * (len(shape) - 1)
@@ -220,12 +220,12 @@ def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
         return ((space,), (space,)) + rest if name.endswith("weight") else ((space,),)
     r = re.match(r"resnets\.(\d+)\.(.*)$", local)
     if r:
-        return _resnet_dims(m, int(r.group(1)), r.group(2), space, cfg) + (rest if name.endswith("weight") else ())
+        return _resnet_dims(m, int(r.group(1)), r.group(2), space, cfg) + rest
     a = re.match(r"attentions\.(\d+)\.(.*)$", local)
     if a:
         dims = _attention_dims(f"{block}.attentions.{a.group(1)}", a.group(2), space)
         if dims is not None:
-            return dims + (rest if a.group(2).startswith(("proj_in.", "proj_out.")) and name.endswith("weight") else ())
+            return dims + rest
     return (None,) * len(shape)
 
 
