@@ -149,19 +149,34 @@ def test_teacher_training_then_bench_then_judge(tmp_path):
 
 
 def test_teacher_training_continues_from_a_model(tmp_path):
-    """init: a later run continues from a saved teacher (weights, not the optimizer) and counts all its steps."""
+    """init: a later run continues from a saved teacher (weights, not the optimizer) and counts all its steps;
+    input: a later stage continues from an earlier one's."""
     import torch
     from dreamlite.models.bundle import from_preset, load_bundle
     src = from_preset("shapes-server", seed=5)
     src.save_pretrained(tmp_path / "src", trained_steps=100, samples_seen=4000)
+    train = {"steps": 1, "batch": 2, "warmup": 1, "lr": 1e-9, "ema": 0}
     data = {"name": "more", "seed": 1, "stages": [
         {"kind": "train-teacher", "name": "teacher", "save_dtype": "fp32", "init": str(tmp_path / "src"),
-         "train": {"steps": 1, "batch": 2, "warmup": 1, "lr": 1e-9, "ema": 0}}]}
+         "train": train},
+        {"kind": "train-teacher", "name": "again", "save_dtype": "fp32", "input": "teacher", "train": train}]}
     run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
     out = load_bundle(str(tmp_path / "run/01-teacher/model"))
     assert out.meta["trained_steps"] == 101 and out.meta["samples_seen"] == 4002
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.unet.state_dict().values(),
                                                                src.unet.state_dict().values()))
+    again = load_bundle(str(tmp_path / "run/02-again/model"))
+    assert again.meta["trained_steps"] == 102 and again.meta["init"] == "stage teacher"
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(again.unet.state_dict().values(),
+                                                               src.unet.state_dict().values()))
+
+
+def test_teacher_starts_from_one_model_at_most(tmp_path):
+    data = {"name": "more", "stages": [
+        {"kind": "train-teacher", "name": "a", "train": {"steps": 1}},
+        {"kind": "train-teacher", "init": "zoo:shapes-server", "input": "a", "train": {"steps": 1}}]}
+    with pytest.raises(DreamliteError, match="init.*input"):
+        run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
 
 
 def test_teacher_init_must_match_the_preset(tmp_path, tiny_folders):

@@ -38,6 +38,16 @@ class TrainTeacherStage(StageConfig):
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
     init: str | None = Field(None, description="continue from this model (zoo:NAME or a folder of the same preset): "
                                                "its U-Net and text encoder weights; the optimizer starts fresh")
+    input: str | None = Field(None, description="or continue from the model an earlier train-teacher stage made")
+
+    @model_validator(mode="after")
+    def _one_start(self):
+        if self.init is not None and self.input is not None:
+            raise ValueError("give at most one of init (a model) and input (an earlier stage)")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if self.input else []
 
 
 def _init_from(bundle, spec: str) -> dict:
@@ -64,7 +74,8 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
     if cfg.schedule:
         bundle.meta["schedule"] = cfg.schedule
-    before = _init_from(bundle, cfg.init) if cfg.init else {}
+    start = cfg.init or (stage_model(ctx, cfg.input) if cfg.input else None)
+    before = _init_from(bundle, start) if start else {}
     task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
@@ -80,7 +91,7 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     steps = before.get("trained_steps", 0) + cfg.train.steps
     seen = before.get("samples_seen", 0) + cfg.train.steps * cfg.train.batch
     bundle.save_pretrained(ctx.dir / "model", stage="train-teacher", trained_steps=steps, samples_seen=seen,
-                           **({"init": cfg.init} if cfg.init else {}), **extra)
+                           **({"init": cfg.init or f"stage {cfg.input}"} if start else {}), **extra)
     return {**summary, "parameters": sum(p.numel() for p in bundle.unet.parameters())}
 
 
