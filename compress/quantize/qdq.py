@@ -108,25 +108,8 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
     _check_options(scheme, calib, backend, calib_data, keep_float, sensitivity, fallback)
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        src, torch_model = Path(model), None
-        if not (src / MANIFEST).is_file():
-            torch_model = load_bundle(model)
-            _check_sampler(torch_model, model, calib_data)  # before the slow export
-            say("export: fp32 ONNX")
-            export_artifact(torch_model, Path(tmp) / "fp32", size, mode, batch)
-            src = Path(tmp) / "fp32"
-        fp32 = load_bundle(str(src))
-        if fp32.meta["artifact"]["scheme"] != "fp32":
-            raise DreamliteError(f"{model}: already quantized ({fp32.meta['artifact']['scheme']}); quantize the fp32 "
-                                 "model or artifact")
-        if keep_float:  # a module that does not exist fails before the slow part
-            import onnx
-            graph = onnx.load(str(src / GRAPH), load_external_data=False)
-            _matching_nodes(node_modules(graph, graph), keep_float)
-        feeds = _feeds(fp32, model, calib, calib_data, seed, steps, say)
-        held = set(range(1, len(feeds), 7)) if len(feeds) > 1 else set()  # every 7th call checks, never calibrates
-        held_out = [f for k, f in enumerate(feeds) if k in held] or feeds[:1]
-        feeds = [f for k, f in enumerate(feeds) if k not in held]
+        src, fp32, torch_model = _fp32_source(model, Path(tmp), calib_data, keep_float, size, mode, batch, say)
+        feeds, held_out = _hold_out(_feeds(fp32, model, calib, calib_data, seed, steps, say))
         say(f"quantize: {scheme} ({backend}), {len(feeds)} recorded denoiser calls")
         out.mkdir(parents=True, exist_ok=True)
         report, chosen = None, []
@@ -159,6 +142,36 @@ def quantize_artifact(model: str, out, scheme: str = "w8a16", calib: int = 8, st
         manifest = seal(out, manifest)
     load_artifact(out)
     return manifest
+
+
+def _fp32_source(model: str, tmp: Path, calib_data: str, keep_float, size, mode, batch, say):
+    """The fp32 artifact to quantize: ``model`` itself when it is one, else its export into ``tmp``. Returns its
+    folder, its bundle and the torch model (None when ``model`` is an artifact). Bad options fail before the export."""
+    from dreamlite.models.bundle import load_bundle
+
+    src, torch_model = Path(model), None
+    if not (src / MANIFEST).is_file():
+        torch_model = load_bundle(model)
+        _check_sampler(torch_model, model, calib_data)  # before the slow export
+        say("export: fp32 ONNX")
+        export_artifact(torch_model, tmp / "fp32", size, mode, batch)
+        src = tmp / "fp32"
+    fp32 = load_bundle(str(src))
+    if fp32.meta["artifact"]["scheme"] != "fp32":
+        raise DreamliteError(f"{model}: already quantized ({fp32.meta['artifact']['scheme']}); quantize the fp32 "
+                             "model or artifact")
+    if keep_float:  # a module that does not exist fails before the slow part
+        import onnx
+        graph = onnx.load(str(src / GRAPH), load_external_data=False)
+        _matching_nodes(node_modules(graph, graph), keep_float)
+    return src, fp32, torch_model
+
+
+def _hold_out(feeds: list) -> tuple[list, list]:
+    """(calibration feeds, held-out feeds): every 7th recorded call checks the result and never calibrates."""
+    held = set(range(1, len(feeds), 7)) if len(feeds) > 1 else set()
+    held_out = [f for k, f in enumerate(feeds) if k in held] or feeds[:1]
+    return [f for k, f in enumerate(feeds) if k not in held], held_out
 
 
 def _check_options(scheme, calib, backend, calib_data, keep_float, sensitivity, fallback) -> None:
