@@ -326,6 +326,7 @@ def test_two_processes_follow_one_process(tmp_path, tiny_folders, launch, shown)
     # gradients differ only by the order of the float reduction; Adam's normalised steps keep that within ~1e-4
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 0.05 * moved
 
+
 def test_report_tables_show_nested_metrics_as_columns():
     """Tables nested in a stage's metrics (recover's held-out losses per sigma) become rows and columns of numbers,
     not a Python dict printed in a cell."""

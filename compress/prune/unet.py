@@ -191,7 +191,7 @@ def dims_of(name: str, shape: tuple[int, ...], cfg: dict) -> Dims:
     block's stream (its ResNets have no shortcut); a downsampler's output is the stream it samples."""
     n = len(cfg["block_out_channels"])
     last = f"down{n - 1}"
-    rest = (None,) * (len(shape) - 2) if len(shape) > 2 else ()  # a conv kernel's spatial dims (none elsewhere)
+    rest = (None,) * (len(shape) - 2)  # a conv kernel's spatial dims; empty for vectors and matrices
     m = _BLOCK.match(name)
     if name.startswith("conv_in."):
         return (("down0",),) + (None,) * (len(shape) - 1)
