@@ -41,13 +41,15 @@ def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Gen
 
 
 def t2i_batch(seed: int, step: int, batch: int, latent_shape: tuple[int, int, int], caption_dropout: float = 0.1,
-              size: int = 64, timesteps: int = 1000) -> dict:
+              size: int = 64, timesteps: int = 1000, tag_weights: tuple[float, ...] | None = None,
+              color_captions: float = 0.0) -> dict:
     """The global text-to-image batch of ``step``: images (B, 3, H, W) in [-1, 1], captions ('' when dropped),
-    noise (B, C, h, w), integer timesteps (B,) and a per-image colour offset (B, 3, 1, 1) for offset noise."""
+    noise (B, C, h, w), integer timesteps (B,) and a per-image colour offset (B, 3, 1, 1) for offset noise.
+    ``tag_weights`` and ``color_captions`` set the caption mix (``sample_t2i``)."""
     rng, gen = step_generator(seed, step)
     images, captions = [], []
     for _ in range(batch):
-        scene, caption = sample_t2i(rng)
+        scene, caption = sample_t2i(rng, tag_weights, color_captions)
         images.append(render(scene, size))
         captions.append("" if rng.random() < caption_dropout else caption)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -3,6 +3,7 @@ import os
 import pytest
 import yaml
 
+from dreamlite.evaluation.shapes import GEN_TAGS
 from dreamlite.io import DreamliteError
 from dreamlite.recipe import load_recipe, report_markdown, run_recipe, stage_kinds
 
@@ -176,6 +177,15 @@ def test_teacher_starts_from_one_model_at_most(tmp_path):
         {"kind": "train-teacher", "name": "a", "train": {"steps": 1}},
         {"kind": "train-teacher", "init": "zoo:shapes-server", "input": "a", "train": {"steps": 1}}]}
     with pytest.raises(DreamliteError, match="init.*input"):
+        run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+
+
+@pytest.mark.parametrize("weights, message", [({"positon": 3}, r"tag_weights\.positon.*'position'"),
+                                             ({"position": -1}, r"tag_weights\.position.*greater than or equal"),
+                                             ({t: 0 for t in GEN_TAGS}, "every tag weighs 0")])
+def test_teacher_tag_weights_name_real_tags(tmp_path, weights, message):
+    data = {"name": "mix", "stages": [{"kind": "train-teacher", "tag_weights": weights, "train": {"steps": 1}}]}
+    with pytest.raises(DreamliteError, match=message):
         run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
 
 

@@ -1,14 +1,18 @@
 """Stage kinds that make or measure models: ``train-teacher`` and ``bench``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dreamlite.evaluation.shapes.world import GEN_TAGS
 from dreamlite.io import DreamliteError, write_json
 from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
+
+
+GenTag = Literal[GEN_TAGS]  # a tuple subscript is the same as listing the tags
 
 
 def stage_model(ctx: StageContext, name: str) -> str:
@@ -30,6 +34,11 @@ class TrainTeacherStage(StageConfig):
     preset: str = Field("shapes-server", description="server preset trained from scratch (epsilon prediction)")
     train: TrainSettings
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of empty captions, for guidance")
+    tag_weights: dict[GenTag, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="how often each GenEval tag's kind of scene is drawn, relative to the others; a tag not "
+                          "listed weighs 1 (default: all equally often)")
+    color_captions: float = Field(0.0, ge=0, le=1, description="probability that a two_object or position caption "
+                                                               "also names each object's colour")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weight (null = plain MSE)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
     schedule: Literal["sdxl", "linear"] | None = Field(
@@ -44,7 +53,15 @@ class TrainTeacherStage(StageConfig):
     def _one_start(self):
         if self.init is not None and self.input is not None:
             raise ValueError("give at most one of init (a model) and input (an earlier stage)")
+        if self.tag_weights is not None and not any(self.weights()):
+            raise ValueError("tag_weights: every tag weighs 0")
         return self
+
+    def weights(self) -> tuple[float, ...] | None:
+        """``tag_weights`` in ``GEN_TAGS`` order, or None for equal weights."""
+        if self.tag_weights is None:
+            return None
+        return tuple(self.tag_weights.get(t, 1.0) for t in GEN_TAGS)
 
     def inputs(self) -> list[str]:
         return [self.input] if self.input else []
@@ -80,7 +97,8 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:
-        return t2i_batch(ctx.seed, step, cfg.train.batch, latent, cfg.caption_dropout, bundle.image_size)
+        return t2i_batch(ctx.seed, step, cfg.train.batch, latent, cfg.caption_dropout, bundle.image_size,
+                         tag_weights=cfg.weights(), color_captions=cfg.color_captions)
 
     summary = fit(task, batches, cfg.train, ctx.dir / "train", ctx.track, ctx.log, description="teacher")
     if not ctx.main:

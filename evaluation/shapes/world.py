@@ -124,12 +124,26 @@ def _relation_holds(a: Obj, b: Obj, relation: str) -> bool:
     return comps == {relation}
 
 
-def sample_t2i(rng: np.random.Generator) -> tuple[Scene, str]:
-    """One training pair: a scene (any tag, background, style) and a paraphrased caption that describes it."""
-    p = sample_gen_prompt(rng, _choice(rng, GEN_TAGS))
+def sample_t2i(rng: np.random.Generator, tag_weights: tuple[float, ...] | None = None,
+               color_captions: float = 0.0) -> tuple[Scene, str]:
+    """One training pair: a scene (any tag, background, style) and a paraphrased caption that describes it.
+
+    ``tag_weights``: how often each of ``GEN_TAGS`` is drawn, in that order (default: equally often).
+    ``color_captions``: the probability that a two-object caption (two_object, position) also names each object's
+    colour, as recaptioning with denser captions does (DALL-E 3): more captions in which a colour must bind to its
+    shape. At the defaults the stream is the same draw for draw as before these options existed.
+    """
+    if tag_weights is None:
+        tag = _choice(rng, GEN_TAGS)
+    else:
+        w = np.asarray(tag_weights, dtype=float)
+        tag = GEN_TAGS[int(rng.choice(len(GEN_TAGS), p=w / w.sum()))]
+    p = sample_gen_prompt(rng, tag)
     background = DEFAULT_BACKGROUND if rng.random() < 0.5 else _choice(rng, list(BACKGROUNDS))
     style = "outline" if rng.random() < 0.15 else "filled"
     scene = scene_for(p, rng, background, style)
+    if color_captions and p.tag in ("two_object", "position") and rng.random() < color_captions:
+        p = replace(p, objects=tuple((shape, o.color) for (shape, _), o in zip(p.objects, scene.objects)))
     adjectives: tuple[str, ...] = ("outlined",) if style == "outline" else ()
     if len(scene.objects) == 1 and rng.random() < 0.5:
         size = scene.objects[0].size

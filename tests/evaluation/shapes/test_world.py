@@ -50,3 +50,16 @@ def test_every_caption_and_instruction_is_in_the_vocabulary(rng):
     texts = [sample_t2i(rng)[1] for _ in range(300)] + [sample_edit_train(rng).prompt for _ in range(300)]
     assert set().union(*(tokenize(t) for t in texts)) <= vocab
     assert len({t for t in texts}) > 200  # paraphrases, not one phrasing
+
+
+def test_caption_mix_weights_tags_and_names_colours(rng):
+    """tag_weights draws only the weighted tags' scenes; color_captions names each object's own colour."""
+    for _ in range(30):
+        scene, caption = sample_t2i(rng, tag_weights=(0, 0, 0, 0, 1, 0), color_captions=1.0)
+        words = caption.split()
+        assert len(scene.objects) == 2 and {"left", "right", "above", "over", "top", "below", "under", "beneath"} & set(words)
+        for o in scene.objects:  # the colour word stands right before its own shape
+            assert f"{o.color} {o.shape}" in caption
+    plain = [sample_t2i(rng, tag_weights=(0, 1, 0, 0, 0, 0))[1] for _ in range(30)]
+    assert not any(c in t.split() for t in plain for c in ("red", "orange", "yellow", "green", "cyan", "blue",
+                                                             "purple", "white"))
