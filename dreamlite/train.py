@@ -227,19 +227,10 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
         batch = split(batches(step), acc.process_index, acc.num_processes)
-        logs: dict[str, float] = {}
-        for m in range(s.accumulate):
-            micro = split(batch, m, s.accumulate)
-            sync = contextlib.nullcontext() if m == s.accumulate - 1 else no_sync()
-            with sync, acc.autocast():
-                loss, parts_log = model(**micro)
-            if not torch.isfinite(loss):
-                raise DreamliteError(f"{description}: loss is {loss.item()} at step {step}; stopped, the last good "
-                                     f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
-            acc.backward(loss / s.accumulate)
-            for k, v in {"loss": loss.detach(), **parts_log}.items():
-                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) / s.accumulate
-        logs = _mean_over_processes(acc, logs)
+        logs = _mean_over_processes(acc, _backward(model, batch, s.accumulate, acc, no_sync))
+        if not math.isfinite(logs["loss"]):  # every process sees the mean, so all stop together
+            raise DreamliteError(f"{description}: loss is {logs['loss']} at step {step}; stopped, the last good "
+                                 f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
         clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -268,6 +259,20 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
     final = sum(recent) / len(recent) if recent else _last_logged_loss(log_path)
     return {"steps": s.steps, "final_loss": round(final, 5) if final is not None else None,
             "samples_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1) if seen else None}
+
+
+def _backward(model, batch: dict, accumulate: int, acc, no_sync) -> dict[str, torch.Tensor]:
+    """Forward and backward over ``accumulate`` micro-batches of this process's ``batch``; returns the logs' means.
+    Gradients are synchronised once, on the last micro-batch."""
+    logs: dict[str, torch.Tensor] = {}
+    for m in range(accumulate):
+        sync = contextlib.nullcontext() if m == accumulate - 1 else no_sync()
+        with sync, acc.autocast():
+            loss, parts_log = model(**split(batch, m, accumulate))
+        acc.backward(loss / accumulate)
+        for k, v in {"loss": loss.detach(), **parts_log}.items():
+            logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) / accumulate
+    return logs
 
 
 def _last_logged_loss(path: Path) -> float | None:
