@@ -204,9 +204,7 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
     recipe = load_recipe(recipe_path)
     out, procs = Path(out), _Processes()
     if procs.main and restart and out.exists():
-        for p in out.iterdir():
-            if re.match(r"^\d\d-", p.name) or p.name in ("report.json", "report.md"):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     procs.barrier()
     if procs.state is not None and procs.main:
@@ -260,6 +258,13 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
         write_json(out / "report.json", report)
         write_text(out / "report.md", report_markdown(report))
     return report
+
+
+def _clear_run(out: Path) -> None:
+    """What ``--restart`` removes: an earlier run's stage folders and reports, nothing else in ``out``."""
+    for p in out.iterdir():
+        if re.match(r"^\d\d-", p.name) or p.name in ("report.json", "report.md"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _quiet(msg: str) -> None:
