@@ -68,15 +68,25 @@ def offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float, cod
     return noise + strength * codec.encode(offset.expand(-1, -1, *size))
 
 
+def snr_weight(snr: torch.Tensor, gamma: float | None = 5.0, floor: float | None = None) -> torch.Tensor:
+    """The epsilon-MSE weight that makes the loss an x0-MSE weighted by ``clamp(snr, floor, gamma)``: Min-SNR-gamma
+    (Hang et al. 2023) caps the low-noise end; ``floor`` lifts the high-noise end, where epsilon-MSE weighs an x0
+    error by only ``snr`` (0.005 at SDXL's t = 999) and so hardly trains the layout (``floor`` 1 is the truncated-SNR
+    weighting of Salimans & Ho 2022). Neither: plain epsilon-MSE (weight 1)."""
+    if gamma is None and floor is None:
+        return torch.ones_like(snr)
+    return snr.clamp(min=floor, max=gamma) / snr
+
+
 class EpsilonTask(nn.Module):
     """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0,
-                 noise_offset: float = 0.0, schedule: Schedule = "sdxl"):
+                 noise_offset: float = 0.0, schedule: Schedule = "sdxl", snr_floor: float | None = None):
         super().__init__()
         self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
         self.schedule = DDPMScheduler.from_config(SCHEDULES[schedule])
-        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
+        self.snr_gamma, self.snr_floor, self.noise_offset = snr_gamma, snr_floor, noise_offset
 
     def forward(self, images, captions, noise, timesteps, offset=None):
         latents = self.codec.encode(images)
@@ -87,7 +97,6 @@ class EpsilonTask(nn.Module):
         h, w = images.shape[-2:]
         pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        if self.snr_gamma:
-            snr = compute_snr(self.schedule, timesteps)
-            per_sample = per_sample * snr.clamp(max=self.snr_gamma) / snr
+        if self.snr_gamma or self.snr_floor:
+            per_sample = per_sample * snr_weight(compute_snr(self.schedule, timesteps), self.snr_gamma, self.snr_floor)
         return per_sample.mean(), {}

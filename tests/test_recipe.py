@@ -180,11 +180,13 @@ def test_teacher_starts_from_one_model_at_most(tmp_path):
         run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
 
 
-@pytest.mark.parametrize("weights, message", [({"positon": 3}, r"tag_weights\.positon.*'position'"),
-                                             ({"position": -1}, r"tag_weights\.position.*greater than or equal"),
-                                             ({t: 0 for t in GEN_TAGS}, "every tag weighs 0")])
-def test_teacher_tag_weights_name_real_tags(tmp_path, weights, message):
-    data = {"name": "mix", "stages": [{"kind": "train-teacher", "tag_weights": weights, "train": {"steps": 1}}]}
+@pytest.mark.parametrize("settings, message", [
+    ({"tag_weights": {"positon": 3}}, r"tag_weights\.positon.*'position'"),
+    ({"tag_weights": {"position": -1}}, r"tag_weights\.position.*greater than or equal"),
+    ({"tag_weights": {t: 0 for t in GEN_TAGS}}, "every tag weighs 0"),
+    ({"snr_floor": 8.0}, "snr_floor 8.0 is above snr_gamma 5.0")])
+def test_teacher_settings_are_checked_before_training(tmp_path, settings, message):
+    data = {"name": "mix", "stages": [{"kind": "train-teacher", **settings, "train": {"steps": 1}}]}
     with pytest.raises(DreamliteError, match=message):
         run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreamlite.io import DreamliteError
-from dreamlite.models.teacher import EpsilonTask, t2i_batch
+from dreamlite.models.teacher import EpsilonTask, snr_weight, t2i_batch
 from dreamlite.train import CHECKPOINT, TrainSettings, fit, lr_at
 
 from conftest import tiny_bundle
@@ -118,3 +118,12 @@ def test_fsdp_resumes_exactly_and_follows_one_process(tmp_path):
     assert moved > 1e-3 and max((one[k] - whole[k]).abs().max().item() for k in one) < 0.05 * moved
     assert torch.equal(whole["frozen.weight"], start["frozen.weight"])
 
+
+
+def test_snr_weight_is_an_x0_loss_clamped_at_both_ends():
+    """An x0 error d is an epsilon error d * sqrt(SNR), so weight * SNR is the weight the loss puts on x0 errors."""
+    snr = torch.tensor([0.005, 0.5, 2.0, 20.0])
+    assert torch.equal(snr_weight(snr, None, None), torch.ones(4))
+    assert torch.allclose(snr_weight(snr, 5.0) * snr, torch.tensor([0.005, 0.5, 2.0, 5.0]))  # Min-SNR-5
+    assert torch.allclose(snr_weight(snr, 5.0, 1.0) * snr, torch.tensor([1.0, 1.0, 2.0, 5.0]))  # + truncated SNR
+    assert snr_weight(snr, 5.0, 1.0)[0] == pytest.approx(200.0)  # t = 999 counts, where the layout is decided

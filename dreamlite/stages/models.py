@@ -40,6 +40,8 @@ class TrainTeacherStage(StageConfig):
     color_captions: float = Field(0.0, ge=0, le=1, description="probability that a two_object or position caption "
                                                                "also names each object's colour")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weight (null = plain MSE)")
+    snr_floor: float | None = Field(None, gt=0, description="lift the high-noise end's weight: the loss weighs x0 "
+                                                            "errors by clamp(SNR, snr_floor, snr_gamma)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
     schedule: Literal["sdxl", "linear"] | None = Field(
         None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
@@ -53,6 +55,8 @@ class TrainTeacherStage(StageConfig):
     def _one_start(self):
         if self.init is not None and self.input is not None:
             raise ValueError("give at most one of init (a model) and input (an earlier stage)")
+        if self.snr_floor is not None and self.snr_gamma is not None and self.snr_floor > self.snr_gamma:
+            raise ValueError(f"snr_floor {self.snr_floor} is above snr_gamma {self.snr_gamma}")
         if self.tag_weights is not None and not any(self.weights()):
             raise ValueError("tag_weights: every tag weighs 0")
         return self
@@ -93,7 +97,8 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
         bundle.meta["schedule"] = cfg.schedule
     start = cfg.init or (stage_model(ctx, cfg.input) if cfg.input else None)
     before = _init_from(bundle, start) if start else {}
-    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule)
+    task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule,
+                       cfg.snr_floor)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:
