@@ -119,7 +119,6 @@ def test_fsdp_resumes_exactly_and_follows_one_process(tmp_path):
     assert torch.equal(whole["frozen.weight"], start["frozen.weight"])
 
 
-
 def test_snr_weight_is_an_x0_loss_clamped_at_both_ends():
     """An x0 error d is an epsilon error d * sqrt(SNR), so weight * SNR is the weight the loss puts on x0 errors."""
     snr = torch.tensor([0.005, 0.5, 2.0, 20.0])

@@ -54,10 +54,10 @@ def test_every_caption_and_instruction_is_in_the_vocabulary(rng):
 
 def test_caption_mix_weights_tags_and_names_colours(rng):
     """tag_weights draws only the weighted tags' scenes; color_captions names each object's own colour."""
+    relation_words = {"left", "right", "above", "over", "top", "below", "under", "beneath"}
     for _ in range(30):
         scene, caption = sample_t2i(rng, tag_weights=(0, 0, 0, 0, 1, 0), color_captions=1.0)
-        words = caption.split()
-        assert len(scene.objects) == 2 and {"left", "right", "above", "over", "top", "below", "under", "beneath"} & set(words)
+        assert len(scene.objects) == 2 and relation_words & set(caption.split())
         for o in scene.objects:  # the colour word stands right before its own shape
             assert f"{o.color} {o.shape}" in caption
     plain = [sample_t2i(rng, tag_weights=(0, 1, 0, 0, 0, 0))[1] for _ in range(30)]
