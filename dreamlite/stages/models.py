@@ -52,7 +52,7 @@ class TrainTeacherStage(StageConfig):
     input: str | None = Field(None, description="or continue from the model an earlier train-teacher stage made")
 
     @model_validator(mode="after")
-    def _one_start(self):
+    def _consistent(self):
         if self.init is not None and self.input is not None:
             raise ValueError("give at most one of init (a model) and input (an earlier stage)")
         if self.snr_floor is not None and self.snr_gamma is not None and self.snr_floor > self.snr_gamma:
