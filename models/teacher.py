@@ -97,6 +97,5 @@ class EpsilonTask(nn.Module):
         h, w = images.shape[-2:]
         pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        if self.snr_gamma or self.snr_floor:
-            per_sample = per_sample * snr_weight(compute_snr(self.schedule, timesteps), self.snr_gamma, self.snr_floor)
+        per_sample = per_sample * snr_weight(compute_snr(self.schedule, timesteps), self.snr_gamma, self.snr_floor)
         return per_sample.mean(), {}
