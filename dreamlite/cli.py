@@ -43,11 +43,13 @@ def main():
 @click.option("--restart", is_flag=True, help="Delete this run's stage folders and start over.")
 def run(recipe, out, restart):
     """Run RECIPE (YAML) stage by stage; re-running resumes."""
+    from .fsdp import end_processes
     from .recipe import load_recipe, run_recipe
     out = Path(out) if out else Path("runs") / load_recipe(recipe).name
     report = run_recipe(recipe, out, restart=restart, track=track, log=lambda m: console.print(m, highlight=False))
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one process reports
         console.print(f"report: {out / 'report.md'} ({len(report['stages'])} stages)")
+    end_processes()
 
 
 @main.group(cls=Group)

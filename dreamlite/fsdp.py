@@ -15,6 +15,8 @@ import atexit
 import contextlib
 import copy
 import functools
+import os
+import sys
 from typing import Iterator
 
 import torch
@@ -42,6 +44,20 @@ def destroy_process_group_at_exit() -> None:
             torch.distributed.destroy_process_group()
 
     atexit.register(destroy)
+
+
+def end_processes() -> None:
+    """End a finished ``accelerate launch`` process: wait for every process, then leave at once (``os._exit(0)``,
+    streams flushed). Nothing is left to tear down: the exit skips the interpreter's finalisation and gloo's C++
+    destructors, whose worker threads can abort a process that had finished (``terminate called without an active
+    exception``, seen once in CI on CPU). Does nothing outside a distributed run; call it last, from the
+    program's top level (the CLI, a script), never from library code that a caller goes on after."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _is_sharded(t: torch.Tensor) -> bool:

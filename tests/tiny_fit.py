@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from dreamlite.fsdp import end_processes
 from dreamlite.train import TrainSettings, fit
 
 
@@ -35,3 +36,4 @@ if __name__ == "__main__":
     fit(task, batches, settings, folder)
     if int(os.environ.get("RANK", "0")) == 0:
         save_file({k: v.contiguous() for k, v in task.state_dict().items()}, f"{folder}/final.safetensors")
+    end_processes()
