@@ -243,7 +243,7 @@ def test_bench_needs_exactly_one_model(tmp_path):
 
 def test_export_quantize_then_bench_the_artifact(tmp_path, tiny_folders):
     data = {"name": "deploy", "seed": 1, "stages": [
-        {"kind": "export", "name": "onnx", "model": str(tiny_folders["shapes-mobile"]), "mode": "edit"},
+        {"kind": "export", "name": "onnx", "model": str(tiny_folders["shallow-mobile"]), "mode": "edit"},
         {"kind": "quantize", "name": "w8a16", "input": "onnx", "calib": 1, "steps": 1},
         {"kind": "bench", "name": "bench", "bench": "gen", "input": "w8a16", "n": 1, "images_per_prompt": 1,
          "steps": 1},

@@ -17,7 +17,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def artifact(tiny_folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "mobile-edit"
-    r = invoke("export", "--model", tiny_folders["shapes-mobile"], "--mode", "edit", "--out", out)
+    r = invoke("export", "--model", tiny_folders["shallow-mobile"], "--mode", "edit", "--out", out)
     assert r.exit_code == 0, r.output
     return out
 
@@ -32,14 +32,14 @@ def test_manifest_describes_the_static_graph(artifact):
 
 
 def test_the_artifact_samples_and_edits_through_onnx_runtime(artifact, tiny_folders, tmp_path):
-    for model in (artifact, tiny_folders["shapes-mobile"]):
+    for model in (artifact, tiny_folders["shallow-mobile"]):
         r = invoke("sample", "--model", model, "--prompt", "a red circle", "--steps", 2, "--seed", 3,
                    "--out", tmp_path / f"{model.name}.png")
         assert r.exit_code == 0, r.output
     onnx_img = np.asarray(Image.open(tmp_path / f"{artifact.name}.png"), dtype=int)
-    torch_img = np.asarray(Image.open(tmp_path / "shapes-mobile.png"), dtype=int)
+    torch_img = np.asarray(Image.open(tmp_path / "shallow-mobile.png"), dtype=int)
     assert np.abs(onnx_img - torch_img).max() <= 2
-    r = invoke("edit", "--model", artifact, "--image", tmp_path / "shapes-mobile.png", "--prompt",
+    r = invoke("edit", "--model", artifact, "--image", tmp_path / "shallow-mobile.png", "--prompt",
                "make the circle blue", "--steps", 2, "--out", tmp_path / "e.png")
     assert r.exit_code == 0, r.output
 
@@ -301,7 +301,7 @@ def test_random_calibration_at_batch_one_for_a_model_that_cannot_sample(tiny_fol
     and quantizes on Gaussian feeds whose timesteps cover the schedule; the sampler is refused in one line."""
     import shutil
     bare = tmp_path / "bare"
-    shutil.copytree(tiny_folders["shapes-mobile"], bare)
+    shutil.copytree(tiny_folders["shallow-mobile"], bare)
     shutil.rmtree(bare / "text_encoder")
     r = invoke("quantize", "--model", bare, "--batch", 1, "--calib", 1, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "has no text encoder" in r.output and "--calib-data random" in r.output, r.output
