@@ -300,10 +300,22 @@ def test_recover_needs_one_student(tmp_path):
         load_recipe(write(tmp_path, data))
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_folders, tmp_path_factory):
+    """A recover stage's recipe and its single-process run (the reference both launches are compared with)."""
+    root = tmp_path_factory.mktemp("dist")
+    data = {"name": "dist", "seed": 2, "stages": [_recover_stage(
+        {"student": str(tiny_folders["shapes-mobile"])}, {"teacher": str(tiny_folders["shapes-server"])},
+        steps=2, batch=4)]}
+    recipe = write(root, data)
+    run_recipe(recipe, root / "one", log=lambda m: None)
+    return recipe, root / "one"
+
+
 @pytest.mark.parametrize("launch, shown", [(["--multi_gpu"], "2 processes (MULTI_CPU)"),
                                            (["--use_fsdp", "--fsdp_version", "2"],
                                             "FSDP2: student, projector sharded over 2 processes")])
-def test_two_processes_follow_one_process(tmp_path, tiny_folders, launch, shown):
+def test_two_processes_follow_one_process(tmp_path, tiny_folders, one_process, launch, shown):
     """`accelerate launch` with 2 processes (torchrun; gloo on CPU), as DDP or with the trained modules sharded
     (FSDP2), logs the same losses as one process with the same global batch, writes the same weights, and the same
     checkpoints (so either kind of run resumes the other's)."""
@@ -311,29 +323,26 @@ def test_two_processes_follow_one_process(tmp_path, tiny_folders, launch, shown)
     import sys
     from safetensors import safe_open
     from safetensors.torch import load_file
-    data = {"name": "dist", "seed": 2, "stages": [_recover_stage(
-        {"student": str(tiny_folders["shapes-mobile"])}, {"teacher": str(tiny_folders["shapes-server"])},
-        steps=2, batch=4)]}
-    recipe = write(tmp_path, data)
-    run_recipe(recipe, tmp_path / "one", log=lambda m: None)
+    recipe, one_run = one_process
+    runs = {"one": one_run, "two": tmp_path / "two"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "dreamlite.cli", "run", str(recipe), "--out", str(tmp_path / "two")]
+           "-m", "dreamlite.cli", "run", str(recipe), "--out", str(runs["two"])]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-6000:]  # the launcher's own traceback takes the last 2,000
     assert shown in done.stdout + done.stderr
     for phase in ("01-t2i", "03-joint"):
-        one, two = ((tmp_path / run / "01-recover/train" / phase / "train_log.csv").read_text().splitlines()
+        one, two = ((runs[run] / "01-recover/train" / phase / "train_log.csv").read_text().splitlines()
                     for run in ("one", "two"))
         cols = lambda rows: [float(x) for r in rows[1:] for i, x in enumerate(r.split(",")) if i != 2]
         assert one[0] == two[0] and cols(one) == pytest.approx(cols(two), rel=1e-4)
         shapes = []
         for run in ("one", "two"):
-            with safe_open(str(tmp_path / run / "01-recover/train" / phase / "checkpoint.safetensors"), "pt") as f:
+            with safe_open(str(runs[run] / "01-recover/train" / phase / "checkpoint.safetensors"), "pt") as f:
                 shapes.append({k: f.get_slice(k).get_shape() for k in f.keys()})
         assert shapes[0] == shapes[1]
     w0 = load_file(tiny_folders["shapes-mobile"] / "diffusion_pytorch_model.safetensors")
-    w1, w2 = (load_file(tmp_path / run / "01-recover/model/diffusion_pytorch_model.safetensors") for run in ("one", "two"))
+    w1, w2 = (load_file(runs[run] / "01-recover/model/diffusion_pytorch_model.safetensors") for run in ("one", "two"))
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     # gradients differ only by the order of the float reduction; Adam's normalised steps keep that within ~1e-4
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 0.05 * moved
