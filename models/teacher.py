@@ -23,6 +23,7 @@ from dreamlite.evaluation.shapes.world import sample_t2i
 
 from .codec import Codec
 from .conditioning import unet_inputs
+from .text import BindingHead
 
 # SDXL's training schedule (scheduler_config.json of stable-diffusion-xl-base-1.0).
 SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -82,9 +83,13 @@ class EpsilonTask(nn.Module):
     """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0,
-                 noise_offset: float = 0.0, schedule: Schedule = "sdxl", snr_floor: float | None = None):
+                 noise_offset: float = 0.0, schedule: Schedule = "sdxl", snr_floor: float | None = None,
+                 binding_weight: float = 0.0):
         super().__init__()
         self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
+        # the text-side objective (``BindingHead``) is added to the loss with this weight and logged as "binding"
+        self.binding_weight = binding_weight
+        self.binding = BindingHead(text_encoder.width) if binding_weight else None
         self.schedule = DDPMScheduler.from_config(SCHEDULES[schedule])
         self.snr_gamma, self.snr_floor, self.noise_offset = snr_gamma, snr_floor, noise_offset
 
@@ -98,4 +103,7 @@ class EpsilonTask(nn.Module):
         pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         per_sample = per_sample * snr_weight(compute_snr(self.schedule, timesteps), self.snr_gamma, self.snr_floor)
-        return per_sample.mean(), {}
+        if self.binding is None:
+            return per_sample.mean(), {}
+        binding = self.binding(text.states, captions)
+        return per_sample.mean() + self.binding_weight * binding, {"binding": binding.detach()}

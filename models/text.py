@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from dreamlite.evaluation.shapes.text import tokenize, vocabulary
+from dreamlite.evaluation.shapes.spec import COLORS
+from dreamlite.evaluation.shapes.text import NUMBERS, SIDES, bindings, tokenize, vocabulary
 from dreamlite.io import DreamliteError, atomic_path, read_json, write_json
 
 SPECIALS = ("<pad>", "<bos>")
@@ -134,6 +135,41 @@ class ShapesTextEncoder(nn.Module):
             raise DreamliteError(f"{weights}: does not match its config ({len(missing)} missing, "
                                  f"{len(unexpected)} unexpected tensors)")
         return enc.eval().requires_grad_(False)
+
+
+class BindingHead(nn.Module):
+    """A text-side objective for a text encoder trained from scratch: linear heads read, from the state of each
+    shape word, the colour its caption gives that object (or none), its count, and in a position caption the side
+    it is on (or none). Diffusion's loss alone leaves these out of the shape words' states (a linear probe reads
+    them no better than from a random encoder: ``benchmarks/text_binding.py``), and cross-attention can only bind a
+    colour or a side to a shape through them. Captions parse with ``bindings``; state 0 is ``<bos>``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.color = nn.Linear(width, len(COLORS) + 1)  # the last class: no colour given
+        self.count = nn.Linear(width, len(NUMBERS) + 1)  # one, two, three, four
+        self.side = nn.Linear(width, len(SIDES) + 1)  # the last class: not a position caption
+
+    @staticmethod
+    def targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (rows, cols) token positions of the shape words (N,) and their classes (N, 3): colour, count, side."""
+        colors, where, labels = list(COLORS), [], []
+        for i, caption in enumerate(captions):
+            for b in bindings(caption):
+                where.append((i, b.word + 1))
+                labels.append((colors.index(b.color) if b.color else len(colors), b.count - 1,
+                               SIDES.index(b.side) if b.side else len(SIDES)))
+        return torch.tensor(where, dtype=torch.long).reshape(-1, 2), torch.tensor(labels, dtype=torch.long).reshape(-1, 3)
+
+    def forward(self, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Mean cross-entropy of the three heads over every shape word of the batch; 0 when there is none."""
+        where, labels = self.targets(captions)
+        if not len(where):
+            return states.sum() * 0.0
+        h = states[where[:, 0], where[:, 1]].float()
+        labels = labels.to(h.device)
+        return sum(nn.functional.cross_entropy(head(h), labels[:, k])
+                   for k, head in enumerate((self.color, self.count, self.side))) / 3
 
 
 class HFTextEncoder:

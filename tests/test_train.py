@@ -32,6 +32,16 @@ def _teacher(seed=0):
     return task, (lambda step: t2i_batch(7, step, 4, (48, 16, 16)))
 
 
+def test_binding_objective_adds_to_the_loss_and_its_head_trains_with_the_task():
+    b = tiny_bundle("shapes-server", 0)
+    batch = t2i_batch(7, 0, 4, (48, 16, 16), caption_dropout=0.0)
+    plain, _ = EpsilonTask(b.unet, b.text, b.codec)(**batch)
+    task = EpsilonTask(b.unet, b.text, b.codec, binding_weight=0.5)
+    loss, logs = task(**batch)
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * logs["binding"].item(), rel=1e-5)
+    assert logs["binding"] > 0 and "binding.color.weight" in dict(task.named_parameters())
+
+
 def _weights(task):
     return {k: v.clone() for k, v in task.state_dict().items()}
 

@@ -43,6 +43,8 @@ class TrainTeacherStage(StageConfig):
     snr_floor: float | None = Field(None, gt=0, description="lift the high-noise end's weight: the loss weighs x0 "
                                                             "errors by clamp(SNR, snr_floor, snr_gamma)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
+    binding_loss: float = Field(0.0, ge=0, description="weight of the text encoder's binding objective: each shape "
+                                                        "word's state must tell its colour, count and side")
     schedule: Literal["sdxl", "linear"] | None = Field(
         None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
@@ -98,7 +100,7 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
     start = cfg.init or (stage_model(ctx, cfg.input) if cfg.input else None)
     before = _init_from(bundle, start) if start else {}
     task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule,
-                       cfg.snr_floor)
+                       cfg.snr_floor, cfg.binding_loss)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:

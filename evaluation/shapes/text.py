@@ -5,6 +5,7 @@ Every word a template can produce is in ``vocabulary()``, so a text encoder buil
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,3 +85,46 @@ def vocabulary() -> list[str]:
         for text in group:
             words.update(tokenize(re.sub(r"\{\w+\}", " ", text)))
     return sorted(words)
+
+
+# The side each object of a position caption is on: "A left of B" puts A on the left and B on the right.
+SIDES = ("left", "right", "above", "below")
+_SIDE_WORDS = {"left": "left", "right": "right", "above": "above", "over": "above", "top": "above",
+               "below": "below", "under": "below", "beneath": "below"}
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a caption says about the object one shape word names: its colour and count, and for a position
+    caption the side it is on. ``word`` indexes ``tokenize(caption)``."""
+    word: int
+    color: str | None
+    count: int
+    side: str | None
+
+
+def bindings(caption: str) -> list[Binding]:
+    """The objects a text-to-image caption names, one per shape word, in caption order.
+
+    Parses the grammar of ``sample_t2i``'s captions: a colour is the word just before its shape (adjectives come
+    before the colour), a count is the word before the plural, and a relation phrase sits between the two noun
+    phrases of a position caption."""
+    words = tokenize(caption)
+    singular = {s: s for s in SHAPES} | {p: s for s, p in PLURALS.items()}
+    counts = {w: n for n, w in NUMBERS.items()}
+    found, side = [], None
+    for i, w in enumerate(words):
+        if w in _SIDE_WORDS and found and side is None and i + 1 < len(words) and words[i + 1] != "background":
+            side = _SIDE_WORDS[w]
+        if w not in singular:
+            continue
+        before = words[:i][::-1]
+        color = before[0] if before and before[0] in COLORS else None
+        count = next((counts[b] for b in before if b in counts), 1) if w != singular[w] else 1
+        found.append([i, color, count])
+    out = []
+    for k, (i, color, count) in enumerate(found):
+        s = None if side is None or len(found) != 2 else (side if k == 0 else _OPPOSITE[side])
+        out.append(Binding(i, color, count, s))
+    return out

@@ -3,8 +3,8 @@ import pytest
 
 from dreamlite.evaluation.shapes import EDIT_TYPES, GEN_TAGS, sample_edit, sample_gen_prompt, sample_t2i, scene_for
 from dreamlite.evaluation.shapes.match import diff
-from dreamlite.evaluation.shapes.spec import overlaps
-from dreamlite.evaluation.shapes.text import tokenize, vocabulary
+from dreamlite.evaluation.shapes.spec import PLURALS, overlaps
+from dreamlite.evaluation.shapes.text import PREFIXES, bindings, pick, tokenize, vocabulary
 from dreamlite.evaluation.shapes.world import sample_edit_train
 
 
@@ -63,3 +63,28 @@ def test_caption_mix_weights_tags_and_names_colours(rng):
     plain = [sample_t2i(rng, tag_weights=(0, 1, 0, 0, 0, 0))[1] for _ in range(30)]
     assert not any(c in t.split() for t in plain for c in ("red", "orange", "yellow", "green", "cyan", "blue",
                                                              "purple", "white"))
+
+
+SIDE_OF = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+@pytest.mark.parametrize("tag", GEN_TAGS)
+def test_bindings_read_back_what_each_caption_says_of_each_object(tag, rng):
+    """Every paraphrase, prefix, adjective and background suffix of a caption parses back to its prompt's objects:
+    shape word, colour, count, and the side of a position caption (the first-named object stands in the relation)."""
+    for _ in range(40):
+        p = sample_gen_prompt(rng, tag)
+        adjectives = (("small",), ("large", "outlined"), ())[int(rng.integers(3))]
+        caption = pick(PREFIXES, rng) + p.caption(rng, adjectives) + ("", " on a navy background")[int(rng.integers(2))]
+        objects = p.objects[::-1] if tag == "position" else p.objects
+        got = bindings(caption)
+        words = tokenize(caption)
+        assert [words[b.word] for b in got] == [s if p.count == 1 else PLURALS[s] for s, _ in objects]
+        assert [b.color for b in got] == [c for _, c in objects] and {b.count for b in got} == {p.count}
+        if tag == "position":
+            side = SIDE_OF[p.relation]
+            assert [b.side for b in got] == [side, OPPOSITE[side]], caption
+        else:
+            assert {b.side for b in got} == {None}
+    assert bindings("") == []
