@@ -12,6 +12,7 @@ import argparse
 import numpy as np
 import torch
 
+from dreamlite.evaluation.probe import linear_probe
 from dreamlite.evaluation.shapes.world import GEN_TAGS, sample_t2i
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.text import BindingHead, ShapesTextEncoder
@@ -32,24 +33,6 @@ def features(encoder, texts: list[str], column: int) -> tuple[torch.Tensor, torc
     return states[where[:, 0], where[:, 1]].float(), labels[:, column]
 
 
-def probe(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Held-out accuracy of an L2-regularised multinomial logistic regression (LBFGS)."""
-    (x, y), (xt, yt) = train, test
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    lin = torch.nn.Linear(x.shape[1], int(max(y.max(), yt.max())) + 1)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin((x - mean) / std), y) + 1e-4 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return (lin((xt - mean) / std).argmax(1) == yt).float().mean().item()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", nargs="+", default=["zoo:shapes-server"])
@@ -65,7 +48,7 @@ def main():
           f"probe, seed {args.seed})\n")
     print("| text encoder | " + " | ".join(PROBES) + " |\n|---|" + "---:|" * len(PROBES))
     for name, enc in encoders.items():
-        row = [probe(features(enc, train, PROBES[p][1]), features(enc, test, PROBES[p][1]))
+        row = [linear_probe(features(enc, train, PROBES[p][1]), features(enc, test, PROBES[p][1]))
                for p, (train, test) in sets.items()]
         print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
 
