@@ -13,7 +13,7 @@ import torch
 
 from .conditioning import SDXL_TIME_IDS
 
-Prediction = Literal["epsilon", "flow"]
+Prediction = Literal["epsilon", "v", "flow"]  # epsilon and v (Salimans & Ho 2022): on a discrete schedule
 
 SDXL = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -95,7 +95,7 @@ class Preset:
 
     def meta(self) -> dict:
         """What a model folder's dreamlite.json records about the preset it was built from."""
-        return {"preset": self.name, **({"schedule": self.schedule} if self.prediction == "epsilon" else {})}
+        return {"preset": self.name, **({"schedule": self.schedule} if self.prediction != "flow" else {})}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [

@@ -50,7 +50,7 @@ class SamplerSettings:
 def default_settings(b: Bundle) -> SamplerSettings:
     """The model's own defaults (``dreamlite.json`` ``sampler`` entry) over the family's: epsilon servers 50 DDIM
     steps, guidance 5; flow models 28 Euler steps, guidance 3.5 (DreamLite's base model)."""
-    base = SamplerSettings(steps=50, cfg=5.0) if b.prediction == "epsilon" else SamplerSettings(steps=28, cfg=3.5)
+    base = SamplerSettings(steps=50, cfg=5.0) if b.prediction != "flow" else SamplerSettings(steps=28, cfg=3.5)
     for k, v in (b.meta.get("sampler") or {}).items():
         if k in ("steps", "cfg", "image_cfg", "scheduler", "precision"):
             setattr(base, k, v)
@@ -103,7 +103,7 @@ class OrtDenoiser:
 def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl"):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
     (the DreamLite mobile pipeline) for flow models; DDIM or Euler on the model's training schedule (``sdxl`` or
-    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon models. ``clip``: DDIM clips its clean-latent estimate to
+    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: DDIM clips its clean-latent estimate to
     [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are bounded, like pixel-unshuffle)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -115,6 +115,8 @@ def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool =
         # The last step lands on the clean estimate (alpha_bar = 1), not on t = 0's noise level: SDXL's pipelines
         # stop at alpha_bar[0] (noise std 0.029), invisible after a VAE but grain on a pixel codec.
         extra["set_alpha_to_one"] = True
+    if prediction == "v":
+        extra["prediction_type"] = "v_prediction"
     s = cls.from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
     s.set_timesteps(steps)
     return s
@@ -151,7 +153,7 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
     # unclipped noise direction and drifts (measured on the shapes teacher: grey grain instead of black backgrounds).
     extra = {"use_clipped_model_output": True} if isinstance(sched, DDIMScheduler) and s.clip else {}
     for t in sched.timesteps:
-        xin = sched.scale_model_input(x, t) if prediction == "epsilon" else x
+        xin = sched.scale_model_input(x, t) if prediction != "flow" else x
         parts = [xin if ctx is None else torch.cat([xin, ctx], dim=-1) for _, ctx in branches]
         xs = torch.cat(parts)
         out = denoiser(xs, t.expand(xs.shape[0]).to(torch.float32), text)[..., :width]

@@ -69,22 +69,26 @@ def offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float, cod
     return noise + strength * codec.encode(offset.expand(-1, -1, *size))
 
 
-def snr_weight(snr: torch.Tensor, gamma: float | None = 5.0, floor: float | None = None) -> torch.Tensor:
+def snr_weight(snr: torch.Tensor, gamma: float | None = 5.0, floor: float | None = None,
+               prediction: str = "epsilon") -> torch.Tensor:
     """The epsilon-MSE weight that makes the loss an x0-MSE weighted by ``clamp(snr, floor, gamma)``: Min-SNR-gamma
     (Hang et al. 2023) caps the low-noise end; ``floor`` lifts the high-noise end, where epsilon-MSE weighs an x0
     error by only ``snr`` (0.005 at SDXL's t = 999) and so hardly trains the layout (``floor`` 1 is the truncated-SNR
-    weighting of Salimans & Ho 2022). Neither: plain epsilon-MSE (weight 1)."""
+    weighting of Salimans & Ho 2022). Neither: plain epsilon-MSE (weight 1). For ``prediction="v"`` the weight is
+    of a v-MSE, which weighs x0 errors by ``snr + 1``."""
     if gamma is None and floor is None:
         return torch.ones_like(snr)
-    return snr.clamp(min=floor, max=gamma) / snr
+    return snr.clamp(min=floor, max=gamma) / (snr + 1 if prediction == "v" else snr)
 
 
 class EpsilonTask(nn.Module):
-    """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net."""
+    """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net, or with
+    ``prediction="v"`` a v-prediction one (target ``sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022: at high
+    noise its output is the clean image, not noise to copy)."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, codec: Codec, snr_gamma: float | None = 5.0,
                  noise_offset: float = 0.0, schedule: Schedule = "sdxl", snr_floor: float | None = None,
-                 binding_weight: float = 0.0):
+                 binding_weight: float = 0.0, prediction: str = "epsilon"):
         super().__init__()
         self.unet, self.text_encoder, self.codec = unet, text_encoder, codec
         # the text-side objective (``BindingHead``) is added to the loss with this weight and logged as "binding"
@@ -92,6 +96,7 @@ class EpsilonTask(nn.Module):
         self.binding = BindingHead(text_encoder.width) if binding_weight else None
         self.schedule = DDPMScheduler.from_config(SCHEDULES[schedule])
         self.snr_gamma, self.snr_floor, self.noise_offset = snr_gamma, snr_floor, noise_offset
+        self.prediction = prediction
 
     def forward(self, images, captions, noise, timesteps, offset=None):
         latents = self.codec.encode(images)
@@ -101,8 +106,10 @@ class EpsilonTask(nn.Module):
         text = self.text_encoder.encode(captions)
         h, w = images.shape[-2:]
         pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        per_sample = per_sample * snr_weight(compute_snr(self.schedule, timesteps), self.snr_gamma, self.snr_floor)
+        target = self.schedule.get_velocity(latents, noise, timesteps) if self.prediction == "v" else noise
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        snr = compute_snr(self.schedule, timesteps)
+        per_sample = per_sample * snr_weight(snr, self.snr_gamma, self.snr_floor, self.prediction)
         if self.binding is None:
             return per_sample.mean(), {}
         binding = self.binding(text.states, captions)

@@ -99,6 +99,9 @@ class RecoverTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False).eval()
             self.teacher_in_context = teacher_in_context
+            if teacher_prediction == "v":
+                raise DreamliteError("teacher: a v-prediction teacher cannot be distilled yet (no v -> flow "
+                                     "conversion); use an epsilon or flow teacher")
             self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction == "epsilon" else None
             blocks = matching_blocks(student.config, teacher.config)
             self.projector = FeatureProjector(blocks)

@@ -174,7 +174,7 @@ def prune_to_target(teacher: str, target: str | None, out, importance: str | Non
         text = _folder_text_encoder(probe)
     # Until recovery training retrains it as a flow model, the student predicts what its teacher predicted, on the
     # teacher's schedule: recorded so that it samples (and is judged) as what it is.
-    meta = {"schedule": probe.schedule} if probe.prediction == "epsilon" else {}
+    meta = {"schedule": probe.schedule} if probe.prediction != "flow" else {}
     bundle = Bundle(student, probe.prediction, True, size, text, probe.codec, name=str(out), meta=meta)
     bundle.save_pretrained(out, stage="prune", parent=teacher, **{"pruning": {**summary, "passes": report}})
     return {**summary, "passes": report}

@@ -45,6 +45,8 @@ class TrainTeacherStage(StageConfig):
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset-noise strength (a per-image colour shift)")
     binding_loss: float = Field(0.0, ge=0, description="weight of the text encoder's binding objective: each shape "
                                                         "word's state must tell its colour, count and side")
+    prediction: Literal["epsilon", "v"] = Field("epsilon", description="what the U-Net predicts: SDXL's epsilon, or "
+                                                 "v (a continuation from an epsilon model re-learns its output)")
     schedule: Literal["sdxl", "linear"] | None = Field(
         None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
@@ -97,10 +99,11 @@ def run_train_teacher(cfg: TrainTeacherStage, ctx: StageContext) -> dict:
         raise DreamliteError(f"preset: {cfg.preset!r} is not an epsilon-prediction server U-Net")
     if cfg.schedule:
         bundle.meta["schedule"] = cfg.schedule
+    bundle.prediction = cfg.prediction
     start = cfg.init or (stage_model(ctx, cfg.input) if cfg.input else None)
     before = _init_from(bundle, start) if start else {}
     task = EpsilonTask(bundle.unet, bundle.text, bundle.codec, cfg.snr_gamma, cfg.noise_offset, bundle.schedule,
-                       cfg.snr_floor, cfg.binding_loss)
+                       cfg.snr_floor, cfg.binding_loss, cfg.prediction)
     latent = (bundle.unet.config.in_channels, bundle.latent_size(), bundle.latent_size())
 
     def batches(step: int) -> dict:
