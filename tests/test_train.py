@@ -136,3 +136,26 @@ def test_snr_weight_is_an_x0_loss_clamped_at_both_ends():
     assert torch.allclose(snr_weight(snr, 5.0) * snr, torch.tensor([0.005, 0.5, 2.0, 5.0]))  # Min-SNR-5
     assert torch.allclose(snr_weight(snr, 5.0, 1.0) * snr, torch.tensor([1.0, 1.0, 2.0, 5.0]))  # + truncated SNR
     assert snr_weight(snr, 5.0, 1.0)[0] == pytest.approx(200.0)  # t = 999 counts, where the layout is decided
+    # a v error d is an x0 error d / sqrt(SNR + 1): the same x0 weighting for a v-prediction model
+    assert torch.allclose(snr_weight(snr, 5.0, None, "v") * (snr + 1), torch.tensor([0.005, 0.5, 2.0, 5.0]))
+
+
+def test_v_prediction_task_regresses_the_velocity():
+    """With prediction "v" the target is sqrt(a) eps - sqrt(1 - a) x0: an oracle U-Net that returns it has loss 0."""
+    b = tiny_bundle("shapes-server", 0)
+    batch = t2i_batch(7, 0, 4, (48, 16, 16))
+    task = EpsilonTask(b.unet, b.text, b.codec, snr_gamma=None, prediction="v")
+    x0 = b.codec.encode(batch["images"])
+    a = task.schedule.alphas_cumprod[batch["timesteps"]].view(-1, 1, 1, 1)
+    velocity = a.sqrt() * batch["noise"] - (1 - a).sqrt() * x0
+
+    class Oracle(torch.nn.Module):
+        config = b.unet.config
+
+        def forward(self, x, t, **kw):
+            return type("Out", (), {"sample": velocity})
+
+    task.unet = Oracle()
+    assert task(**batch)[0].item() == pytest.approx(0.0, abs=1e-10)
+    task.prediction = "epsilon"
+    assert task(**batch)[0].item() > 0.1

@@ -139,6 +139,12 @@ def test_output_distillation_vanishes_when_the_teacher_is_the_student():
     assert logs["kd_out"] < 1e-10 and torch.isfinite(loss) and logs["kd_feat"] > 0
 
 
+def test_a_v_prediction_teacher_is_refused_before_training():
+    s, t = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    with pytest.raises(DreamliteError, match="v-prediction teacher cannot be distilled"):
+        RecoverTask(s.unet, s.text, s.codec, 64, True, t.unet, "v")
+
+
 def test_only_the_target_half_is_trained():
     s = tiny_bundle("shapes-mobile")
     task = RecoverTask(s.unet, s.text, s.codec, 64, True)

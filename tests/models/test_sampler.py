@@ -93,10 +93,10 @@ def test_onnx_runtime_export_samples_the_same_images(which, request, tmp_path):
     assert torch.allclose(torch_latents, ort_latents, atol=1e-3)
 
 
-@pytest.mark.parametrize("schedule", ["sdxl", "linear"])
-def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule):
-    """An oracle denoiser (the exact noise of a known clean latent) must lead DDIM to that latent, with no noise
-    left from the last step."""
+@pytest.mark.parametrize("schedule,prediction", [("sdxl", "epsilon"), ("linear", "epsilon"), ("sdxl", "v")])
+def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule, prediction):
+    """An oracle denoiser (the exact noise, or v, of a known clean latent) must lead DDIM to that latent, with no
+    noise left from the last step."""
     from diffusers import DDPMScheduler
     from dreamlite.models.teacher import SCHEDULES
     from dreamlite.models.text import TextStates
@@ -106,8 +106,9 @@ def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule):
 
     def oracle(x, t, text):
         a = ac[t.long()].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
     text = TextStates(torch.zeros(1, 2, 4), torch.zeros(1, 4))
-    out = denoise(oracle, "epsilon", torch.randn_like(x0), [(text, None)], SamplerSettings(steps=10, cfg=1), schedule)
+    out = denoise(oracle, prediction, torch.randn_like(x0), [(text, None)], SamplerSettings(steps=10, cfg=1), schedule)
     assert (out - x0).abs().max() < 1e-4
