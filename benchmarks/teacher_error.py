@@ -1,6 +1,7 @@
 """Where an epsilon teacher is weak along its schedule: its epsilon MSE at fixed timesteps on held-out rendered
 batches (captions kept, plain Gaussian noise as at sampling), beside the trivial predictor eps = x_t / sqrt(1 - a)
 (the clean image taken as 0): an epsilon error above the trivial one is where DDIM starts from a worse guess than grey.
+A v-prediction model's output is converted to the epsilon it stands for.
 
 Second table: at t = 999, the MSE of the clean estimate x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), clipped to [-1, 1]
 as the sampler clips it, from the training input (which still holds sqrt(a) = 7% of the image on SDXL's schedule)
@@ -17,7 +18,7 @@ from diffusers import DDPMScheduler
 
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.conditioning import unet_inputs
-from dreamlite.models.teacher import SCHEDULES, t2i_batch
+from dreamlite.models.teacher import SCHEDULES, epsilon_of, t2i_batch
 
 TIMESTEPS = (999, 900, 700, 500, 300, 100)
 
@@ -41,13 +42,14 @@ def epsilon_errors(spec: str, batches: int, batch: int, seed: int) -> tuple[dict
         for t in TIMESTEPS:
             ts = torch.full((batch,), t)
             noisy = schedule.add_noise(x0, noise, ts)
-            pred = unet(noisy, ts, **extra).sample
+            pred = epsilon_of(unet(noisy, ts, **extra).sample, noisy, schedule.alphas_cumprod[t], bundle.prediction)
             trivial = noisy / (1 - schedule.alphas_cumprod[t]).sqrt()
             sums[t][0] += (pred - noise).pow(2).mean().item() / batches
             sums[t][1] += (trivial - noise).pow(2).mean().item() / batches
         t999 = torch.full((batch,), 999)
         for name, x in (("training input", schedule.add_noise(x0, noise, t999)), ("pure noise", noise)):
-            x0_hat = ((x - (1 - a).sqrt() * unet(x, t999, **extra).sample) / a.sqrt()).clamp(-1, 1)
+            eps = epsilon_of(unet(x, t999, **extra).sample, x, a, bundle.prediction)
+            x0_hat = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
             clean[name] += (x0_hat - x0).pow(2).mean().item() / batches
         clean["each image's mean colour"] += (x0.mean((2, 3), keepdim=True) - x0).pow(2).mean().item() / batches
     return {t: tuple(v) for t, v in sums.items()}, clean

@@ -81,6 +81,14 @@ def snr_weight(snr: torch.Tensor, gamma: float | None = 5.0, floor: float | None
     return snr.clamp(min=floor, max=gamma) / (snr + 1 if prediction == "v" else snr)
 
 
+def epsilon_of(output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The epsilon a discrete-schedule U-Net's ``output`` at the noisy ``x`` stands for: itself for an epsilon model,
+    ``sqrt(a) v + sqrt(1 - a) x`` for a v model. ``alpha_bar`` broadcasts against ``x``."""
+    if prediction == "epsilon":
+        return output
+    return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * x
+
+
 class EpsilonTask(nn.Module):
     """``forward(images, captions, noise, timesteps) -> (loss, logs)`` for an epsilon-prediction U-Net, or with
     ``prediction="v"`` a v-prediction one (target ``sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022: at high

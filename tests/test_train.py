@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreamlite.io import DreamliteError
-from dreamlite.models.teacher import EpsilonTask, snr_weight, t2i_batch
+from dreamlite.models.teacher import EpsilonTask, epsilon_of, snr_weight, t2i_batch
 from dreamlite.train import CHECKPOINT, TrainSettings, fit, lr_at
 
 from conftest import tiny_bundle
@@ -148,6 +148,8 @@ def test_v_prediction_task_regresses_the_velocity():
     x0 = b.codec.encode(batch["images"])
     a = task.schedule.alphas_cumprod[batch["timesteps"]].view(-1, 1, 1, 1)
     velocity = a.sqrt() * batch["noise"] - (1 - a).sqrt() * x0
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * batch["noise"]
+    assert torch.allclose(epsilon_of(velocity, noisy, a, "v"), batch["noise"], atol=1e-5)
 
     class Oracle(torch.nn.Module):
         config = b.unet.config

@@ -103,6 +103,12 @@ class EpsilonToFlow:
         return x / torch.sqrt((1 - s) ** 2 + s ** 2)
 
     @staticmethod
+    def alpha_bar(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's alpha_bar at the flow sigma's SNR, broadcast against ``x``: SNR = ((1 - s) / s)^2."""
+        s = _b(sigma, x)
+        return (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
+
+    @staticmethod
     def velocity(eps: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The flow velocity implied by an epsilon prediction at the flow sample ``x`` (not the rescaled one)."""
         s = _b(sigma, x)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from dreamlite.data import DataSource, images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
 from dreamlite.models.conditioning import unet_inputs
-from dreamlite.models.teacher import step_generator
+from dreamlite.models.teacher import epsilon_of, step_generator
 from dreamlite.models.text import TextStates
 from dreamlite.train import fit
 
@@ -99,10 +99,8 @@ class RecoverTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False).eval()
             self.teacher_in_context = teacher_in_context
-            if teacher_prediction == "v":
-                raise DreamliteError("teacher: a v-prediction teacher cannot be distilled yet (no v -> flow "
-                                     "conversion); use an epsilon or flow teacher")
-            self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction == "epsilon" else None
+            self.teacher_prediction = teacher_prediction  # epsilon or v on a discrete schedule, or flow
+            self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction != "flow" else None
             blocks = matching_blocks(student.config, teacher.config)
             self.projector = FeatureProjector(blocks)
             self.student_taps, self.teacher_taps = Taps(student, blocks), Taps(teacher, blocks)
@@ -123,8 +121,10 @@ class RecoverTask(nn.Module):
             xin = torch.cat([x, torch.zeros_like(x)], -1) if self.teacher_in_context else x
             v = self.teacher(xin, flow_timestep(sigma), **kwargs).sample[..., : x.shape[-1]]
             return v.float(), torch.ones_like(sigma)
-        eps = self.teacher(self.convert.teacher_input(x, sigma), self.convert.timestep(sigma), **kwargs).sample
-        return self.convert.velocity(eps.float(), x, sigma), self.convert.in_range(sigma).float()
+        xin = self.convert.teacher_input(x, sigma)
+        out = self.teacher(xin, self.convert.timestep(sigma), **kwargs).sample.float()
+        eps = epsilon_of(out, xin, self.convert.alpha_bar(sigma, x), self.teacher_prediction)
+        return self.convert.velocity(eps, x, sigma), self.convert.in_range(sigma).float()
 
     def forward(self, t2i_images, t2i_captions, t2i_noise, t2i_sigma, edit_source, edit_target, edit_prompts,
                 edit_noise, edit_sigma, edit_keep_source):

@@ -60,7 +60,8 @@ HELD_OUT_SEED, HELD_OUT_BATCHES = 424_242, 8  # the same batches for every prune
 
 def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]:
     """Noisy latents at uniformly spread timesteps of the teacher's own schedule, with text states: rendered shapes
-    scenes and their captions (the teacher's training distribution)."""
+    scenes and their captions (the teacher's training distribution), and ``target``: what the teacher predicts
+    there (the noise, or v for a v-prediction teacher)."""
     from diffusers import DDPMScheduler
 
     from dreamlite.models.teacher import SCHEDULES, t2i_batch
@@ -73,7 +74,8 @@ def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]
             data = t2i_batch(seed, i, batch, (bundle.unet.config.in_channels, h, h), 0.0, bundle.image_size)
             latents = bundle.codec.encode(data["images"])
             t = data["timesteps"]
-            out.append({"sample": schedule.add_noise(latents, data["noise"], t), "timestep": t, "noise": data["noise"],
+            target = schedule.get_velocity(latents, data["noise"], t) if bundle.prediction == "v" else data["noise"]
+            out.append({"sample": schedule.add_noise(latents, data["noise"], t), "timestep": t, "target": target,
                         "text": bundle.text.encode(data["captions"]), "size": bundle.image_size})
     return out
 

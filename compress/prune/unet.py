@@ -311,7 +311,7 @@ def unet_call(model: nn.Module, b: dict, in_context: bool) -> dict:
 
 
 def taylor_saliency(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Per weight, sum over calibration samples of (w x dL/dw)^2, L the teacher's training loss (epsilon MSE) on one
+    """Per weight, sum over calibration samples of (w x dL/dw)^2, L the teacher's training loss (MSE to ``target``) on one
     sample: the squared first-order change of the loss when the weight is removed (Molchanov et al. 2019; Diff-Pruning
     spreads the samples over timesteps, as the calibration batches are). Squaring per sample matters: a trained
     teacher sits near a minimum, so gradients summed over samples partly cancel (docs/pruning.md measures both)."""
@@ -319,12 +319,12 @@ def taylor_saliency(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Ten
     out = {n: torch.zeros_like(p) for n, p in params.items()}
     with torch.enable_grad():
         for b in batches:
-            for i in range(len(b["noise"])):
+            for i in range(len(b["target"])):
                 one = {**b, "sample": b["sample"][i:i + 1], "timestep": b["timestep"][i:i + 1],
                        "text": b["text"][i:i + 1]}
                 unet.zero_grad(set_to_none=True)
                 pred = unet(**unet_call(unet, one, False)).sample
-                (pred - b["noise"][i:i + 1]).pow(2).mean().backward()
+                (pred - b["target"][i:i + 1]).pow(2).mean().backward()
                 for n, p in params.items():
                     if p.grad is not None:
                         out[n] += (p.detach() * p.grad).pow(2)

@@ -330,3 +330,18 @@ def test_taylor_without_calibration_saliency_is_refused_not_silently_zero():
     with pytest.raises(DreamliteError, match="'taylor' needs the saliency"):
         channel_scores(StateDictSource(t.state_dict()), dict(t.config), teacher_spaces(
             StateDictSource(t.state_dict()), dict(t.config)), "taylor")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_calibration_targets_are_what_the_teacher_predicts(prediction):
+    """Taylor importance takes the teacher's own training loss: the noise for epsilon, the velocity for v."""
+    bundle = tiny_bundle("shapes-server")
+    bundle.prediction = prediction
+    b = calibration_batches(bundle, 1, 0, batch=2)[0]
+    from diffusers import DDPMScheduler
+    from dreamlite.models.teacher import SCHEDULES, epsilon_of
+    a = DDPMScheduler.from_config(SCHEDULES[bundle.schedule]).alphas_cumprod[b["timestep"]].view(-1, 1, 1, 1)
+    eps = epsilon_of(b["target"], b["sample"], a, prediction)
+    x0 = (b["sample"] - (1 - a).sqrt() * eps) / a.sqrt()
+    assert x0.min() >= -1 - 1e-3 and x0.max() <= 1 + 1e-3  # the rendered image comes back: the target is consistent
+    assert prediction == "v" or torch.equal(b["target"], eps)
