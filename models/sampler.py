@@ -103,8 +103,9 @@ class OrtDenoiser:
 def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl"):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
     (the DreamLite mobile pipeline) for flow models; DDIM or Euler on the model's training schedule (``sdxl`` or
-    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: DDIM clips its clean-latent estimate to
-    [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are bounded, like pixel-unshuffle)."""
+    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: DDIM
+    clips its clean-latent estimate to [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are
+    bounded, like pixel-unshuffle)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())

@@ -141,8 +141,8 @@ class BindingHead(nn.Module):
     """A text-side objective for a text encoder trained from scratch: linear heads read, from the state of each
     shape word, the colour its caption gives that object (or none), its count, and in a position caption the side
     it is on (or none). Diffusion's loss alone leaves these out of the shape words' states (a linear probe reads
-    them no better than from a random encoder: ``benchmarks/text_binding.py``), and cross-attention can only bind a
-    colour or a side to a shape through them. Captions parse with ``bindings``; state 0 is ``<bos>``."""
+    them no better than from a random encoder: ``benchmarks/text_binding.py``), and they are the direct path by
+    which cross-attention at a shape's location can read that shape's colour or side. Captions parse with ``bindings``; state 0 is ``<bos>``."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -159,7 +159,8 @@ class BindingHead(nn.Module):
                 where.append((i, b.word + 1))
                 labels.append((colors.index(b.color) if b.color else len(colors), b.count - 1,
                                SIDES.index(b.side) if b.side else len(SIDES)))
-        return torch.tensor(where, dtype=torch.long).reshape(-1, 2), torch.tensor(labels, dtype=torch.long).reshape(-1, 3)
+        return (torch.tensor(where, dtype=torch.long).reshape(-1, 2),
+                torch.tensor(labels, dtype=torch.long).reshape(-1, 3))
 
     def forward(self, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Mean cross-entropy of the three heads over every shape word of the batch; 0 when there is none."""
