@@ -142,7 +142,8 @@ class BindingHead(nn.Module):
     shape word, the colour its caption gives that object (or none), its count, and in a position caption the side
     it is on (or none). Diffusion's loss alone leaves these out of the shape words' states (a linear probe reads
     them no better than from a random encoder: ``benchmarks/text_binding.py``), and they are the direct path by
-    which cross-attention at a shape's location can read that shape's colour or side. Captions parse with ``bindings``; state 0 is ``<bos>``."""
+    which cross-attention at a shape's location can read that shape's colour or side. Captions parse with
+    ``bindings``; state 0 is ``<bos>``."""
 
     def __init__(self, width: int):
         super().__init__()

@@ -313,8 +313,8 @@ def unet_call(model: nn.Module, b: dict, in_context: bool) -> dict:
 def taylor_saliency(unet: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
     """Per weight, sum over calibration samples of (w x dL/dw)^2, L the teacher's training loss (MSE to ``target``)
     on one sample: the squared first-order change of the loss when the weight is removed (Molchanov et al. 2019;
-    Diff-Pruning spreads the samples over timesteps, as the calibration batches are). Squaring per sample matters: a trained
-    teacher sits near a minimum, so gradients summed over samples partly cancel (docs/pruning.md measures both)."""
+    Diff-Pruning spreads the samples over timesteps, as the calibration batches are). Squaring per sample matters:
+    a trained teacher sits near a minimum, so gradients summed over samples partly cancel (docs/pruning.md measures both)."""
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     out = {n: torch.zeros_like(p) for n, p in params.items()}
     with torch.enable_grad():
