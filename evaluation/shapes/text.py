@@ -89,8 +89,9 @@ def vocabulary() -> list[str]:
 
 # The side each object of a position caption is on: "A left of B" puts A on the left and B on the right.
 SIDES = ("left", "right", "above", "below")
-_SIDE_WORDS = {"left": "left", "right": "right", "above": "above", "over": "above", "top": "above",
-               "below": "below", "under": "below", "beneath": "below"}
+# the word of each relation phrase that names its side ("to the left of" -> left, "on top of" -> above)
+_SIDE_WORDS = {w: relation.split()[0] for relation, phrases in RELATION_PHRASES.items() for phrase in phrases
+               for w in phrase.split() if w not in ("to", "the", "of", "on")}
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
