@@ -42,7 +42,7 @@ def main():
     sets = {name: (captions(tag, args.captions, args.seed), captions(tag, args.captions // 5, args.seed + 1))
             for name, (tag, _) in PROBES.items()}
     torch.manual_seed(args.seed)
-    encoders = {f"random {type(e).__name__}": e for e in [ShapesTextEncoder.for_shapes().eval()]}
+    encoders = {"random ShapesTextEncoder": ShapesTextEncoder.for_shapes().eval()}
     encoders |= {spec: load_bundle(spec).text for spec in args.model}
     print(f"held-out accuracy of a linear probe on the shape words' states ({args.captions} training captions per "
           f"probe, seed {args.seed})\n")

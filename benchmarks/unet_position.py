@@ -30,9 +30,10 @@ def features(bundle, batches: int, batch: int, t: int, seed: int) -> dict[str, t
     unet = bundle.unet.float().eval()
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     size, latent = bundle.image_size, bundle.latent_size()
-    out: dict[str, list] = {name: [] for name in layers(unet)}
+    taps = layers(unet)
+    out: dict[str, list] = {name: [] for name in taps}
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: out[name].append(o[0] if isinstance(o, tuple) else o))
-             for name, m in layers(unet).items()]
+             for name, m in taps.items()]
     for _ in range(batches):
         captions = [sample_t2i(rng)[1] for _ in range(batch)]
         x = torch.randn((batch, unet.config.in_channels, latent, latent), generator=gen)
@@ -67,14 +68,11 @@ def main():
     for name, bundle in bundles.items():
         train = features(bundle, args.batches, args.batch, args.t, args.seed)
         test = features(bundle, 1, args.batch, args.t, args.seed + 1)
-        rows[name] = {layer: (linear_probe(train[layer], test[layer]), test[layer][0].shape[0] // args.batch)
-                      for layer in train}
-    names = list(next(iter(rows.values())))
-    sides = next(iter(rows.values()))
-    print("| U-Net | " + " | ".join(f"{n} ({int(sides[n][1] ** 0.5)}x{int(sides[n][1] ** 0.5)})" for n in names)
-          + " |\n|---|" + "---:|" * len(names))
+        rows[name] = {layer: linear_probe(train[layer], test[layer]) for layer in train}
+        widths = {layer: int(cols.max()) + 1 for layer, (_, cols) in test.items()}  # square maps
+    print("| U-Net | " + " | ".join(f"{n} ({w}x{w})" for n, w in widths.items()) + " |\n|---|" + "---:|" * len(widths))
     for model, r in rows.items():
-        print(f"| {model} | " + " | ".join(f"{r[n][0]:.2f}" for n in names) + " |")
+        print(f"| {model} | " + " | ".join(f"{r[n]:.2f}" for n in widths) + " |")
     print("\nchance: 1 / the map's width")
 
 

@@ -81,6 +81,13 @@ def snr_weight(snr: torch.Tensor, gamma: float | None = 5.0, floor: float | None
     return snr.clamp(min=floor, max=gamma) / (snr + 1 if prediction == "v" else snr)
 
 
+def target_of(schedule: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              prediction: str) -> torch.Tensor:
+    """What a discrete-schedule U-Net regresses at ``add_noise(x0, noise, timesteps)``: the noise for an epsilon
+    model, ``v = sqrt(a) eps - sqrt(1 - a) x0`` for a v model."""
+    return schedule.get_velocity(x0, noise, timesteps) if prediction == "v" else noise
+
+
 def epsilon_of(output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
     """The epsilon a discrete-schedule U-Net's ``output`` at the noisy ``x`` stands for: itself for an epsilon model,
     ``sqrt(a) v + sqrt(1 - a) x`` for a v model. ``alpha_bar`` broadcasts against ``x``."""
@@ -114,7 +121,7 @@ class EpsilonTask(nn.Module):
         text = self.text_encoder.encode(captions)
         h, w = images.shape[-2:]
         pred = self.unet(noisy, timesteps, **unet_inputs(self.unet.config, text, h, w)).sample
-        target = self.schedule.get_velocity(latents, noise, timesteps) if self.prediction == "v" else noise
+        target = target_of(self.schedule, latents, noise, timesteps, self.prediction)
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         snr = compute_snr(self.schedule, timesteps)
         per_sample = per_sample * snr_weight(snr, self.snr_gamma, self.snr_floor, self.prediction)

@@ -64,7 +64,7 @@ def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]
     there (the noise, or v for a v-prediction teacher)."""
     from diffusers import DDPMScheduler
 
-    from dreamlite.models.teacher import SCHEDULES, t2i_batch
+    from dreamlite.models.teacher import SCHEDULES, t2i_batch, target_of
 
     h = bundle.latent_size()
     schedule = DDPMScheduler.from_config(SCHEDULES[bundle.schedule])
@@ -74,8 +74,8 @@ def calibration_batches(bundle, n: int, seed: int, batch: int = 8) -> list[dict]
             data = t2i_batch(seed, i, batch, (bundle.unet.config.in_channels, h, h), 0.0, bundle.image_size)
             latents = bundle.codec.encode(data["images"])
             t = data["timesteps"]
-            target = schedule.get_velocity(latents, data["noise"], t) if bundle.prediction == "v" else data["noise"]
-            out.append({"sample": schedule.add_noise(latents, data["noise"], t), "timestep": t, "target": target,
+            out.append({"sample": schedule.add_noise(latents, data["noise"], t), "timestep": t,
+                        "target": target_of(schedule, latents, data["noise"], t, bundle.prediction),
                         "text": bundle.text.encode(data["captions"]), "size": bundle.image_size})
     return out
 

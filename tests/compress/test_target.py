@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from diffusers import DDPMScheduler
 
 from conftest import TINY, tiny_bundle
 from dreamlite.cli import main
@@ -17,6 +18,7 @@ from dreamlite.compress.prune.passes import (DepthPass, Evidence, HeadsPass, Mat
 from dreamlite.compress.prune.target import calibration_batches
 from dreamlite.compress.prune.unet import Space, StateDictSource, channel_scores, select, skip_scores, teacher_spaces
 from dreamlite.models.presets import build, get_preset
+from dreamlite.models.teacher import SCHEDULES, epsilon_of
 
 
 def teacher():
@@ -338,8 +340,6 @@ def test_calibration_targets_are_what_the_teacher_predicts(prediction):
     bundle = tiny_bundle("shapes-server")
     bundle.prediction = prediction
     b = calibration_batches(bundle, 1, 0, batch=2)[0]
-    from diffusers import DDPMScheduler
-    from dreamlite.models.teacher import SCHEDULES, epsilon_of
     a = DDPMScheduler.from_config(SCHEDULES[bundle.schedule]).alphas_cumprod[b["timestep"]].view(-1, 1, 1, 1)
     eps = epsilon_of(b["target"], b["sample"], a, prediction)
     x0 = (b["sample"] - (1 - a).sqrt() * eps) / a.sqrt()
