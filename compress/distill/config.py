@@ -24,6 +24,8 @@ class Phase(BaseModel):
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="text-to-image samples with an empty caption")
     text_dropout: float = Field(0.05, ge=0, lt=1, description="editing samples with an empty instruction")
     image_dropout: float = Field(0.05, ge=0, lt=1, description="editing samples with a zero source latent")
+    identity_fraction: float = Field(0.0, ge=0, lt=1, description="editing samples whose target is their source, "
+                                     "with an empty instruction: copying what an edit leaves alone")
     weights: LossWeights = LossWeights()
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ class BatchSpec:
     sigma_sampling: SigmaSampling = "logit-normal"
     shift: float = 1.0
     edit_shift: float | None = None  # editing samples' shift (None: ``shift``); the source matters at high noise
+    identity: float = 0.0  # editing: target = source, empty instruction (the image branch learns to copy)
 
 
 def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, latent_shape: tuple[int, int, int],
@@ -51,6 +52,10 @@ def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, laten
     sources, targets, prompts = data.edit(rng, spec.edit)
     prompts = ["" if rng.random() < spec.text_dropout else p for p in prompts]
     keep = torch.tensor([float(rng.random() >= spec.image_dropout) for _ in range(spec.edit)])
+    if spec.identity:  # drawn last, so that batches without identity edits stay as they were
+        same = [rng.random() < spec.identity for _ in range(spec.edit)]
+        targets = [s if k else t for s, t, k in zip(sources, targets, same)]
+        prompts = ["" if k else p for p, k in zip(prompts, same)]
     n = spec.t2i + spec.edit
     base = sample_sigmas(n, gen, spec.sigma_sampling)
     edit_shift = spec.shift if spec.edit_shift is None else spec.edit_shift
@@ -60,6 +65,29 @@ def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, laten
             "t2i_sigma": sigmas[:spec.t2i], "edit_source": images_to_tensor(sources),
             "edit_target": images_to_tensor(targets), "edit_prompts": prompts, "edit_noise": noise[spec.t2i:],
             "edit_sigma": sigmas[spec.t2i:], "edit_keep_source": keep}
+
+
+class FlowView:
+    """Any U-Net seen as a flow-matching velocity field: ``view(x, sigma, text) -> (v, valid)`` at the flow sample
+    ``x`` (B, C, h, w) of the target half. A flow model is called as it is (zeros beside the target when it is
+    in-context); an epsilon or v model at its timestep of equal SNR (``EpsilonToFlow``), its output converted, and
+    ``valid`` (B,) marks the sigmas its schedule reaches."""
+
+    def __init__(self, unet, prediction: str = "flow", schedule: str = "sdxl", in_context: bool = False,
+                 image_size: int = 64):
+        self.unet, self.prediction, self.in_context, self.size = unet, prediction, in_context, image_size
+        self.convert = EpsilonToFlow.for_schedule(schedule) if prediction != "flow" else None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
+        kwargs = unet_inputs(self.unet.config, text, self.size, self.size)
+        if self.convert is None:
+            xin = torch.cat([x, torch.zeros_like(x)], -1) if self.in_context else x
+            v = self.unet(xin, flow_timestep(sigma), **kwargs).sample[..., : x.shape[-1]]
+            return v.float(), torch.ones_like(sigma)
+        xin = self.convert.teacher_input(x, sigma)
+        out = self.unet(xin, self.convert.timestep(sigma), **kwargs).sample.float()
+        eps = epsilon_of(out, xin, self.convert.alpha_bar(sigma, x), self.prediction)
+        return self.convert.velocity(eps, x, sigma), self.convert.in_range(sigma).float()
 
 
 class CachedText(nn.Module):
@@ -99,8 +127,7 @@ class RecoverTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False).eval()
             self.teacher_in_context = teacher_in_context
-            self.teacher_prediction = teacher_prediction  # epsilon or v on a discrete schedule, or flow
-            self.convert = EpsilonToFlow.for_schedule(teacher_schedule) if teacher_prediction != "flow" else None
+            self.teacher_view = FlowView(teacher, teacher_prediction, teacher_schedule, teacher_in_context, image_size)
             blocks = matching_blocks(student.config, teacher.config)
             self.projector = FeatureProjector(blocks)
             self.student_taps, self.teacher_taps = Taps(student, blocks), Taps(teacher, blocks)
@@ -112,19 +139,6 @@ class RecoverTask(nn.Module):
         out = self.student(xin, flow_timestep(sigma),
                            **unet_inputs(self.student.config, text, self.size, self.size)).sample
         return out[..., : x.shape[-1]].float()
-
-    @torch.no_grad()
-    def _teacher(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
-        """The teacher's velocity at the flow sample ``x`` and a mask of the samples it is valid for."""
-        kwargs = unet_inputs(self.teacher.config, text, self.size, self.size)
-        if self.convert is None:  # a flow teacher: same parametrisation
-            xin = torch.cat([x, torch.zeros_like(x)], -1) if self.teacher_in_context else x
-            v = self.teacher(xin, flow_timestep(sigma), **kwargs).sample[..., : x.shape[-1]]
-            return v.float(), torch.ones_like(sigma)
-        xin = self.convert.teacher_input(x, sigma)
-        out = self.teacher(xin, self.convert.timestep(sigma), **kwargs).sample.float()
-        eps = epsilon_of(out, xin, self.convert.alpha_bar(sigma, x), self.teacher_prediction)
-        return self.convert.velocity(eps, x, sigma), self.convert.in_range(sigma).float()
 
     def forward(self, t2i_images, t2i_captions, t2i_noise, t2i_sigma, edit_source, edit_target, edit_prompts,
                 edit_noise, edit_sigma, edit_keep_source):
@@ -139,7 +153,8 @@ class RecoverTask(nn.Module):
             extra = torch.zeros_like(task)
             if self.teacher is not None and (w.output or w.feature):
                 student_feats = self.student_taps.pop(self.in_context)
-                v_t, valid = self._teacher(x, t2i_sigma, text)
+                with torch.no_grad():
+                    v_t, valid = self.teacher_view(x, t2i_sigma, text)
                 teacher_feats = self.teacher_taps.pop(self.teacher_in_context)
                 if w.output:
                     kd = (v - v_t).pow(2).mean(dim=(1, 2, 3)) * valid
@@ -225,7 +240,7 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     try:
         for i, phase in enumerate(phases):
             spec = BatchSpec(*phase.counts(), phase.caption_dropout, phase.text_dropout, phase.image_dropout,
-                             sigma_sampling, shift, edit_shift)
+                             sigma_sampling, shift, edit_shift, phase.identity_fraction)
             task.weights = phase.weights
             if task.projector is not None:  # trained only where used: DDP needs every trainable tensor in the graph
                 task.projector.requires_grad_(bool(phase.weights.feature) and phase.task != "edit")

@@ -63,6 +63,39 @@ def test_a_perfect_v_teacher_gives_the_true_velocity():
     assert torch.allclose(conv.velocity(eps_back, x, sigma), flow_velocity(x0, eps), atol=1e-5)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "flow"])
+def test_flow_view_turns_a_perfect_model_of_any_parametrisation_into_the_true_velocity(prediction):
+    """The wiring around the conversions: what the model is fed (rescaled input, timestep of equal SNR, zeros
+    beside an in-context target) and how its output is read back."""
+    from dreamlite.compress.distill import FlowView
+    from dreamlite.models.text import TextStates
+
+    conv = EpsilonToFlow.for_schedule("sdxl")
+    x0, eps = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    sigma = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    x, seen = flow_noise(x0, eps, sigma), {}
+
+    class Perfect(torch.nn.Module):
+        config = {"addition_embed_type": None}
+
+        def forward(self, xin, t, **kwargs):
+            seen["x"], seen["t"] = xin, t
+            a = conv.alpha_bar(sigma, x0)
+            out = {"epsilon": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "flow": eps - x0}[prediction]
+            return types.SimpleNamespace(sample=torch.cat([out, torch.full_like(out, 9.0)], -1)
+                                         if prediction == "flow" else out)
+
+    text = TextStates(torch.zeros(4, 2, 8), torch.zeros(4, 8))
+    v, valid = FlowView(Perfect(), prediction, "sdxl", in_context=prediction == "flow", image_size=16)(x, sigma, text)
+    assert torch.allclose(v, flow_velocity(x0, eps), atol=1e-4)
+    if prediction == "flow":
+        assert seen["x"].shape[-1] == 8 and seen["x"][..., 4:].abs().sum() == 0  # zeros beside the target
+        assert valid.tolist() == [1.0] * 4
+    else:
+        assert torch.allclose(seen["t"], conv.timestep(sigma))
+        assert valid.tolist() == [1.0, 1.0, 1.0, 0.0]  # 0.95 is noisier than t = 999 of SDXL's schedule
+
+
 def test_sigma_sampling_is_seeded_and_shift_moves_it_toward_noise():
     a = sample_sigmas(4096, torch.Generator().manual_seed(0))
     assert torch.equal(a, sample_sigmas(4096, torch.Generator().manual_seed(0)))
@@ -119,6 +152,23 @@ def test_editing_samples_take_their_own_sigma_shift():
     assert torch.equal(same["t2i_sigma"], shifted["t2i_sigma"])  # text-to-image samples untouched
     assert torch.allclose(shifted["edit_sigma"], shift_sigmas(same["edit_sigma"], 4.0))
     assert torch.equal(same["edit_noise"], shifted["edit_noise"]) and same["edit_prompts"] == shifted["edit_prompts"]
+
+
+def test_identity_edits_copy_the_source_with_an_empty_instruction_and_leave_the_rest_of_the_batch():
+    spec = BatchSpec(t2i=2, edit=8, caption_dropout=0.0, text_dropout=0.0, image_dropout=0.0)
+    plain, mixed = (recover_batch(ShapesData(), dataclasses.replace(spec, identity=k), 5, 9, LATENT) for k in (0, 0.5))
+    copied = [i for i, p in enumerate(mixed["edit_prompts"]) if p == ""]
+    assert 0 < len(copied) < 8  # some, not all, of the eight
+    for i in range(8):
+        same_image = torch.equal(mixed["edit_target"][i], mixed["edit_source"][i])
+        assert same_image == (i in copied)  # an identity edit's target is its source; a real edit changes it
+        if i not in copied:
+            assert mixed["edit_prompts"][i] == plain["edit_prompts"][i]
+            assert torch.equal(mixed["edit_target"][i], plain["edit_target"][i])
+    for key in ("t2i_images", "t2i_noise", "edit_source", "edit_noise", "edit_sigma", "edit_keep_source"):
+        assert torch.equal(plain[key], mixed[key]), key
+    with pytest.raises(ValueError, match="identity_fraction"):
+        Phase(task="edit", train=TrainSettings(steps=1, batch=2), identity_fraction=1.0)
 
 
 def test_phase_counts_and_joint_split():

@@ -279,7 +279,7 @@ def test_budget_layouts_keep_stage_one_wider_than_the_latent(latent):
     (["--params", "12X"], "--params: '12X' is not a count"),
     (["--params", "10"], "the smallest DreamLite layout of this teacher needs"),
     (["--target", "nowhere.json"], "neither a DreamLite preset nor a config file"),
-    (["--target", "shapes-mobile"], "[64, 32, 64] do not fit inside the teacher's [8, 16, 16]"),
+    (["--target", "shapes-mobile"], "[64, 64, 64] do not fit inside the teacher's [8, 16, 16]"),
     (["--target", "shapes-mobile", "--importance", "activation", "--calib", "0"], "needs calibration batches"),
 ])
 def test_bad_target_input_is_one_line(args, message, tiny_folders, tmp_path):
