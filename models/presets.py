@@ -67,7 +67,7 @@ SHAPES_SERVER = {
 # velocity predictor must pass through), and at 48 the pruned student started 4x further from the teacher (output
 # deviation 0.50 vs 0.11) and needed about 12x the recovery steps for the same per-noise-level error. Stage 2 keeps
 # 64 too, paid for by the narrower time embedding: at 32 it was where shapes form (sigma 0.6 to 0.8), and at equal
-# steps the student kept 4x fewer objects from sigma 0.8 and scored 0.050 against 0.133 (docs/models.md).
+# steps the student kept about half as many objects from sigma 0.8 and scored 0.050 against 0.133 (docs/models.md).
 SHAPES_MOBILE = {
     "sample_size": 16, "in_channels": 48, "out_channels": 48, "layers_per_block": 2,
     "down_block_types": ["CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownRemoveSelfAttnBlock2D",

@@ -3,5 +3,5 @@ from .features import FeatureProjector, matching_blocks
 from .flow import EpsilonToFlow, flow_noise, flow_velocity, sample_sigmas
 from .recover import FlowView, LossWeights, Phase, RecoverTask, recover, recover_batch
 
-__all__ = ["EpsilonToFlow", "FeatureProjector", "FlowView", "LossWeights", "Phase", "RecoverTask", "flow_noise", "flow_velocity",
-           "matching_blocks", "recover", "recover_batch", "sample_sigmas"]
+__all__ = ["EpsilonToFlow", "FeatureProjector", "FlowView", "LossWeights", "Phase", "RecoverTask", "flow_noise",
+           "flow_velocity", "matching_blocks", "recover", "recover_batch", "sample_sigmas"]
