@@ -1,5 +1,6 @@
 """Recovery ablation at equal steps (issue 5): task-progressive (t2i -> edit -> joint) versus joint from the start
-versus editing without the text-to-image stage, and progressive without each distillation loss. Every variant
+versus editing without the text-to-image stage, and progressive without each distillation loss; ``t2i-only``
+compares student layouts on the text-to-image phase alone (``--student`` pruned to each layout). Every variant
 starts from the same pruned student, trains the same number of optimizer steps on the same batch size, and is
 judged on the same fresh GenEval-style and ImgEdit-style benchmarks, and measured on the same held-out samples
 (``compress/distill/heldout.py``: flow losses at fixed sigmas, and how much the student reads the source).
@@ -30,6 +31,7 @@ NO_OUTPUT, NO_FEATURE, NO_KD = LossWeights(output=0), LossWeights(feature=0), Lo
 # variant -> [(task, share of the steps, loss weights)]
 VARIANTS = {
     "progressive": [("t2i", 1 / 3, None), ("edit", 1 / 3, None), ("joint", 1 / 3, None)],
+    "t2i-only": [("t2i", 1.0, None)],
     "joint-only": [("joint", 1.0, None)],
     "no-t2i-stage": [("edit", 1 / 2, None), ("joint", 1 / 2, None)],
     "progressive-no-output-kd": [("t2i", 1 / 3, NO_OUTPUT), ("edit", 1 / 3, NO_OUTPUT), ("joint", 1 / 3, NO_OUTPUT)],

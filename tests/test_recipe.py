@@ -140,7 +140,7 @@ def test_teacher_training_then_bench_then_judge(tmp_path):
     ]}
     report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
     teacher, bench, rejudge, student, _ = (s["metrics"] for s in report["stages"])
-    assert student["parameters"] == 1_604_848 and student["teacher_parameters"] == teacher["parameters"]
+    assert student["parameters"] == 1_759_472 and student["teacher_parameters"] == teacher["parameters"]
     assert "relative_output_deviation" in student
     assert teacher["steps"] == 2 and teacher["parameters"] > 1e6
     from diffusers import UNet2DConditionModel
