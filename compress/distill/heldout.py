@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from dreamlite.data import DataSource, images_to_tensor
-from dreamlite.models.conditioning import unet_inputs
 
-from .flow import flow_noise, flow_timestep, flow_velocity
+from .flow import flow_noise, flow_velocity
+from .recover import flow_call
 
 SIGMAS = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1)
 HELD_OUT_SEED = 9_000_017  # far from any recipe's training seeds (training draws from (seed, step, phase))
@@ -45,9 +45,8 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
         for k in range(0, len(x0), batch):
             s = torch.full((len(x0[k:k + batch]),), sigma)
             x = flow_noise(x0[k:k + batch], noise[k:k + batch], s)
-            xin = torch.cat([x, cond[k:k + batch]], -1) if bundle.in_context else x
-            v = unet(xin, flow_timestep(s), **unet_inputs(unet.config, text[k:k + batch], size, size)).sample
-            out.append((v[..., :x.shape[-1]].float() - flow_velocity(x0[k:k + batch], noise[k:k + batch])).pow(2))
+            v = flow_call(unet, x, s, text[k:k + batch], size, cond[k:k + batch] if bundle.in_context else None)
+            out.append((v - flow_velocity(x0[k:k + batch], noise[k:k + batch])).pow(2))
         return torch.cat(out).mean().item()
 
     rows = {}

@@ -67,6 +67,15 @@ def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, laten
             "edit_sigma": sigmas[spec.t2i:], "edit_keep_source": keep}
 
 
+def flow_call(unet, x: torch.Tensor, sigma: torch.Tensor, text: TextStates, image_size: int,
+              cond: torch.Tensor | None = None) -> torch.Tensor:
+    """A flow U-Net's velocity (float) on the target half: it sees ``cat([x, cond], width)`` when ``cond`` is given
+    (an in-context model), ``x`` alone otherwise. ``x``, ``cond``: (B, C, h, w)."""
+    xin = x if cond is None else torch.cat([x, cond], dim=-1)
+    out = unet(xin, flow_timestep(sigma), **unet_inputs(unet.config, text, image_size, image_size)).sample
+    return out[..., : x.shape[-1]].float()
+
+
 class FlowView:
     """Any U-Net seen as a flow-matching velocity field: ``view(x, sigma, text) -> (v, valid)`` at the flow sample
     ``x`` (B, C, h, w) of the target half. A flow model is called as it is (zeros beside the target when it is
@@ -79,12 +88,11 @@ class FlowView:
         self.convert = EpsilonToFlow.for_schedule(schedule) if prediction != "flow" else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
-        kwargs = unet_inputs(self.unet.config, text, self.size, self.size)
         if self.convert is None:
-            xin = torch.cat([x, torch.zeros_like(x)], -1) if self.in_context else x
-            v = self.unet(xin, flow_timestep(sigma), **kwargs).sample[..., : x.shape[-1]]
-            return v.float(), torch.ones_like(sigma)
+            cond = torch.zeros_like(x) if self.in_context else None
+            return flow_call(self.unet, x, sigma, text, self.size, cond), torch.ones_like(sigma)
         xin = self.convert.teacher_input(x, sigma)
+        kwargs = unet_inputs(self.unet.config, text, self.size, self.size)
         out = self.unet(xin, self.convert.timestep(sigma), **kwargs).sample.float()
         eps = epsilon_of(out, xin, self.convert.alpha_bar(sigma, x), self.prediction)
         return self.convert.velocity(eps, x, sigma), self.convert.in_range(sigma).float()
@@ -126,7 +134,6 @@ class RecoverTask(nn.Module):
         self.projector = None
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-            self.teacher_in_context = teacher_in_context
             self.teacher_view = FlowView(teacher, teacher_prediction, teacher_schedule, teacher_in_context, image_size)
             blocks = matching_blocks(student.config, teacher.config)
             self.projector = FeatureProjector(blocks)
@@ -134,11 +141,8 @@ class RecoverTask(nn.Module):
 
     def _student(self, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, text: TextStates) -> torch.Tensor:
         """Velocity on the target half of ``cat([x, cond], width)`` (B, C, h, w); ``cond`` is unused by a student
-        without in-context width."""
-        xin = torch.cat([x, cond], dim=-1) if self.in_context else x
-        out = self.student(xin, flow_timestep(sigma),
-                           **unet_inputs(self.student.config, text, self.size, self.size)).sample
-        return out[..., : x.shape[-1]].float()
+        without in-context width. ``self.student`` is read at each call: FSDP swaps it for a sharded twin."""
+        return flow_call(self.student, x, sigma, text, self.size, cond if self.in_context else None)
 
     def forward(self, t2i_images, t2i_captions, t2i_noise, t2i_sigma, edit_source, edit_target, edit_prompts,
                 edit_noise, edit_sigma, edit_keep_source):
@@ -155,7 +159,7 @@ class RecoverTask(nn.Module):
                 student_feats = self.student_taps.pop(self.in_context)
                 with torch.no_grad():
                     v_t, valid = self.teacher_view(x, t2i_sigma, text)
-                teacher_feats = self.teacher_taps.pop(self.teacher_in_context)
+                teacher_feats = self.teacher_taps.pop(self.teacher_view.in_context)
                 if w.output:
                     kd = (v - v_t).pow(2).mean(dim=(1, 2, 3)) * valid
                     extra = extra + w.output * kd
