@@ -3,7 +3,8 @@
 A *task* is an ``nn.Module`` whose ``forward(**batch)`` returns ``(loss, logs)``; it owns the models it trains. The
 batch for step ``k`` is a pure function ``batches(k)`` of the run's seed and ``k`` (the *global* batch, noise
 included), and each process takes its slice of it, so one process and N processes see the same samples and a resumed
-run replays exactly what an uninterrupted one would.
+run replays exactly what an uninterrupted one would. Because it is a pure function, a DataLoader worker draws the
+next batches while the current step trains (``workers``), and the samples are the same either way.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import contextlib
 import csv
 import json
 import math
+import multiprocessing
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -45,6 +47,7 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    workers: int = Field(0, ge=0, le=8, description="DataLoader processes drawing the next batches (0: in the loop)")
 
     @model_validator(mode="after")
     def _divisible(self):
@@ -94,6 +97,39 @@ def split(batch: dict, index: int, parts: int) -> dict:
         size = n // parts
         out[k] = v[index * size:(index + 1) * size]
     return out
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Step ``k`` -> ``batches(k)``, read by a DataLoader worker. A ``DreamliteError`` (bad data on disk) comes back
+    as its one line: the DataLoader would re-raise it with the worker's traceback folded into the message."""
+
+    def __init__(self, batches: Callable[[int], dict]):
+        self.batches = batches
+
+    def __getitem__(self, step: int) -> dict:
+        try:
+            return self.batches(step)
+        except DreamliteError as e:
+            return {_FAILED: str(e)}
+
+
+_FAILED = "__dreamlite_error__"
+
+
+def batch_stream(batches: Callable[[int], dict], steps: range, workers: int) -> Iterator[dict]:
+    """``batches(k)`` for each ``k`` in ``steps``, in order; with ``workers`` > 0 drawn ahead by forked DataLoader
+    processes (one thread each) while the caller trains. ``batches`` need not pickle: the workers are forked.
+    Where fork is not available (Windows, macOS's default), or with 0 workers, batches are drawn in the caller."""
+    if workers == 0 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(batches, steps)
+        return
+    loader = torch.utils.data.DataLoader(_StepBatches(batches), sampler=steps, batch_size=None, num_workers=workers,
+                                         prefetch_factor=2, multiprocessing_context="fork",
+                                         generator=torch.Generator().manual_seed(0))  # not the global RNG
+    for batch in loader:
+        if _FAILED in batch:
+            raise DreamliteError(batch[_FAILED])
+        yield batch
 
 
 def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -223,33 +259,34 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
     recent: list[float] = []
     t0, seen = time.perf_counter(), 0
     window = (t0, 0)  # the speed shown is over the last log interval, not since the start
-    for step in track(range(start, s.steps), total=s.steps - start, description=description):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
-        batch = split(batches(step), acc.process_index, acc.num_processes)
-        logs = _mean_over_processes(acc, _backward(model, batch, s.accumulate, acc, no_sync))
-        if not math.isfinite(logs["loss"]):  # every process sees the mean, so all stop together
-            raise DreamliteError(f"{description}: loss is {logs['loss']} at step {step}; stopped, the last good "
-                                 f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
-        clip()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(params, step)
-        seen += s.batch
-        recent = (recent + [logs["loss"]])[-s.log_every:]
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            now = time.perf_counter()
-            rate = (seen - window[1]) / max(1e-9, now - window[0])
-            window = (now, seen)
-            _append_log(log_path, done, lr_at(step, s), rate, logs, acc.is_main_process)
-            if acc.is_main_process:
-                log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
-        if done % s.checkpoint_every == 0 or done == s.steps:
-            acc.wait_for_everyone()
-            if sharded is not None or acc.is_main_process:  # gathering shards takes every process
-                save_checkpoint(ckpt, done, unwrapped, opt, ema, write=acc.is_main_process)
+    with contextlib.closing(batch_stream(batches, range(start, s.steps), s.workers)) as stream:
+        for step in track(range(start, s.steps), total=s.steps - start, description=description):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, s)
+            batch = split(next(stream), acc.process_index, acc.num_processes)
+            logs = _mean_over_processes(acc, _backward(model, batch, s.accumulate, acc, no_sync))
+            if not math.isfinite(logs["loss"]):  # every process sees the mean, so all stop together
+                raise DreamliteError(f"{description}: loss is {logs['loss']} at step {step}; stopped, the last good "
+                                     f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
+            clip()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(params, step)
+            seen += s.batch
+            recent = (recent + [logs["loss"]])[-s.log_every:]
+            done = step + 1
+            if done % s.log_every == 0 or done == s.steps:
+                now = time.perf_counter()
+                rate = (seen - window[1]) / max(1e-9, now - window[0])
+                window = (now, seen)
+                _append_log(log_path, done, lr_at(step, s), rate, logs, acc.is_main_process)
+                if acc.is_main_process:
+                    log(f"      step {done}/{s.steps}  loss {sum(recent) / len(recent):.4f}  {rate:.0f} samples/s")
+            if done % s.checkpoint_every == 0 or done == s.steps:
+                acc.wait_for_everyone()
+                if sharded is not None or acc.is_main_process:  # gathering shards takes every process
+                    save_checkpoint(ckpt, done, unwrapped, opt, ema, write=acc.is_main_process)
     if sharded is not None:
         sharded.gather_back(ema.shadow if ema is not None else params)
     elif ema is not None:

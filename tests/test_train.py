@@ -8,7 +8,7 @@ import torch
 
 from dreamlite.io import DreamliteError
 from dreamlite.models.teacher import EpsilonTask, epsilon_of, snr_weight, t2i_batch
-from dreamlite.train import CHECKPOINT, TrainSettings, fit, lr_at
+from dreamlite.train import CHECKPOINT, TrainSettings, batch_stream, fit, lr_at
 
 from conftest import tiny_bundle
 
@@ -50,6 +50,24 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     a, b = t2i_batch(7, 3, 4, (48, 16, 16)), t2i_batch(7, 3, 4, (48, 16, 16))
     assert a["captions"] == b["captions"] and torch.equal(a["noise"], b["noise"]) and torch.equal(a["images"], b["images"])
     assert not torch.equal(a["noise"], t2i_batch(7, 4, 4, (48, 16, 16))["noise"])
+
+
+def _pid_batch(step: int) -> dict:
+    if step == 3:
+        raise DreamliteError("data: runs/x/3.png: cannot read the image")
+    return {"pid": torch.tensor([os.getpid()]), **t2i_batch(7, step, 4, (48, 16, 16))}
+
+
+def test_a_worker_process_draws_the_same_batches_and_bad_data_stops_with_one_line():
+    drawn = list(batch_stream(_pid_batch, range(3), workers=1))
+    assert all(d["pid"].item() != os.getpid() for d in drawn)  # drawn ahead, in another process
+    for d, step in zip(drawn, range(3)):
+        inline = _pid_batch(step)
+        assert d["captions"] == inline["captions"]
+        assert all(torch.equal(d[k], inline[k]) for k in ("images", "noise", "timesteps", "offset"))
+    with pytest.raises(DreamliteError) as failed:
+        list(batch_stream(_pid_batch, range(5), workers=1))
+    assert str(failed.value) == "data: runs/x/3.png: cannot read the image"  # no worker traceback folded in
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
