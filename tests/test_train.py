@@ -71,7 +71,7 @@ def test_a_worker_process_draws_the_same_batches_and_bad_data_stops_with_one_lin
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    s = TrainSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1)
+    s = TrainSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1, workers=1)
     task, batches = _teacher()
     fit(task, batches, s, tmp_path / "straight", log=lambda m: None)
     straight = _weights(task)
