@@ -17,8 +17,8 @@ import time
 import torch
 
 from dreamlite.compress.distill import Phase, recover
-from dreamlite.data import ShapesData
 from dreamlite.compress.prune.target import prune_to_target
+from dreamlite.data import ShapesData
 from dreamlite.models.bundle import load_bundle
 from dreamlite.train import TrainSettings
 

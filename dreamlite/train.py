@@ -3,7 +3,7 @@
 A *task* is an ``nn.Module`` whose ``forward(**batch)`` returns ``(loss, logs)``; it owns the models it trains. The
 batch for step ``k`` is a pure function ``batches(k)`` of the run's seed and ``k`` (the *global* batch, noise
 included), and each process takes its slice of it, so one process and N processes see the same samples and a resumed
-run replays exactly what an uninterrupted one would. Because it is a pure function, a DataLoader worker draws the
+run replays exactly what an uninterrupted one would. Because it is a pure function, a DataLoader worker can draw the
 next batches while the current step trains (``workers``), and the samples are the same either way.
 """
 from __future__ import annotations
@@ -99,6 +99,9 @@ def split(batch: dict, index: int, parts: int) -> dict:
     return out
 
 
+_FAILED = "__dreamlite_error__"
+
+
 class _StepBatches(torch.utils.data.Dataset):
     """Step ``k`` -> ``batches(k)``, read by a DataLoader worker. A ``DreamliteError`` (bad data on disk) comes back
     as its one line: the DataLoader would re-raise it with the worker's traceback folded into the message."""
@@ -111,9 +114,6 @@ class _StepBatches(torch.utils.data.Dataset):
             return self.batches(step)
         except DreamliteError as e:
             return {_FAILED: str(e)}
-
-
-_FAILED = "__dreamlite_error__"
 
 
 def batch_stream(batches: Callable[[int], dict], steps: range, workers: int) -> Iterator[dict]:
