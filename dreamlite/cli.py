@@ -190,13 +190,15 @@ def _sampler_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--cfg", type=click.FloatRange(0), default=None, help="Text guidance (default: the model's)."),
         click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps (default: the model's)."),
+        click.option("--flow-shift", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Flow models: shift of the sampling sigmas, k s / (1 + (k - 1) s) (default: the model's)."),
     ]
     for option in options:
         fn = option(fn)
     return fn
 
 
-def _settings(bundle, steps, cfg, seed, scheduler, batch, precision, image_cfg=None):
+def _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift, image_cfg=None):
     from dreamlite.models.sampler import default_settings
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = seed, scheduler, batch
@@ -204,6 +206,7 @@ def _settings(bundle, steps, cfg, seed, scheduler, batch, precision, image_cfg=N
     s.steps = steps or s.steps
     s.cfg = s.cfg if cfg is None else cfg
     s.image_cfg = s.image_cfg if image_cfg is None else image_cfg
+    s.flow_shift = s.flow_shift if flow_shift is None else flow_shift
     return s.check()
 
 
@@ -231,13 +234,14 @@ def info(model, as_json):
 @click.option("--size", type=click.IntRange(8), default=None, help="Image size in pixels (default: the model's).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG; several prompts -> OUT-<k>.png.")
 @_sampler_options
-def sample(model, prompt, size, out, steps, cfg, seed, scheduler, batch, precision):
+def sample(model, prompt, size, out, steps, flow_shift, cfg, seed, scheduler, batch, precision):
     """Generate an image from text."""
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import generate
     from .io import save_png
     bundle = load_bundle(model, sampling=True)
-    images = generate(bundle, list(prompt), _settings(bundle, steps, cfg, seed, scheduler, batch, precision), size=size)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift)
+    images = generate(bundle, list(prompt), settings, size=size)
     for path, image in zip(_outputs(out, len(images)), images):
         save_png(path, image)
         console.print(f"-> {path}")
@@ -258,14 +262,14 @@ def _outputs(out: str, n: int) -> list[Path]:
 @click.option("--resize", is_flag=True, help="Resize the source to the model's size instead of refusing it.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @_sampler_options
-def edit(model, image_path, prompt, image_cfg, resize, out, steps, cfg, seed, scheduler, batch, precision):
+def edit(model, image_path, prompt, image_cfg, resize, out, steps, flow_shift, cfg, seed, scheduler, batch, precision):
     """Edit an image by instruction (in-context models)."""
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import edit as run_edit
     from .io import load_image, save_png
     bundle = load_bundle(model, sampling=True)
     image = load_image(image_path, size=bundle.image_size if resize else None)
-    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, image_cfg)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift, image_cfg)
     save_png(out, run_edit(bundle, image[None], [prompt], settings)[0])
     console.print(f"-> {out}")
 
@@ -282,12 +286,13 @@ def bench():
 @click.option("--images-per-prompt", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary here.")
 @_sampler_options
-def bench_gen_cmd(model, out, n_per_tag, images_per_prompt, json_path, steps, cfg, seed, scheduler, batch, precision):
+def bench_gen_cmd(model, out, n_per_tag, images_per_prompt, json_path, steps, flow_shift, cfg, seed, scheduler, batch,
+                  precision):
     """GenEval-style: sample every prompt into a GenEval folder, judge it."""
     from dreamlite.evaluation.model_bench import bench_gen
     from dreamlite.models.bundle import load_bundle
     bundle = load_bundle(model, sampling=True)
-    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift)
     with staged_dir(out) as work:
         summary = bench_gen(bundle, work, n_per_tag, images_per_prompt, settings, seed, track)
     _write([], summary, None, json_path)
@@ -301,12 +306,13 @@ def bench_gen_cmd(model, out, n_per_tag, images_per_prompt, json_path, steps, cf
 @click.option("--image-cfg", type=click.FloatRange(0), default=None, help="Image guidance (default: the model's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary here.")
 @_sampler_options
-def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, cfg, seed, scheduler, batch, precision):
+def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, flow_shift, cfg, seed, scheduler, batch,
+                   precision):
     """ImgEdit-style: edit every source of a fresh edit set, judge it."""
     from dreamlite.evaluation.model_bench import bench_edit
     from dreamlite.models.bundle import load_bundle
     bundle = load_bundle(model, sampling=True)
-    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, image_cfg)
+    settings = _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift, image_cfg)
     with staged_dir(out) as work:
         summary = bench_edit(bundle, work, n_per_type, settings, seed, track)
     _write([], summary, None, json_path)

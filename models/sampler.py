@@ -38,12 +38,15 @@ class SamplerSettings:
     batch: int = 16  # images per denoiser batch (before guidance branches)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for torch denoisers
     clip: bool | None = None  # DDIM: clip predicted clean latents to [-1, 1]; None = when the codec is bounded
+    flow_shift: float = 1.0  # flow models: sigma shift s' = k s / (1 + (k - 1) s); k > 1 puts more steps at high noise
 
     def check(self) -> "SamplerSettings":
         if self.steps < 1:
             raise DreamliteError(f"steps: must be at least 1 (got {self.steps})")
         if self.cfg < 0 or self.image_cfg < 0:
             raise DreamliteError("cfg: guidance scales must be >= 0")
+        if self.flow_shift <= 0:
+            raise DreamliteError(f"flow_shift: must be > 0 (got {self.flow_shift})")
         return self
 
 
@@ -52,7 +55,7 @@ def default_settings(b: Bundle) -> SamplerSettings:
     steps, guidance 5; flow models 28 Euler steps, guidance 3.5 (DreamLite's base model)."""
     base = SamplerSettings(steps=50, cfg=5.0) if b.prediction != "flow" else SamplerSettings(steps=28, cfg=3.5)
     for k, v in (b.meta.get("sampler") or {}).items():
-        if k in ("steps", "cfg", "image_cfg", "scheduler", "precision"):
+        if k in ("steps", "cfg", "image_cfg", "scheduler", "precision", "flow_shift"):
             setattr(base, k, v)
     return base
 
@@ -100,14 +103,16 @@ class OrtDenoiser:
         return torch.cat([torch.from_numpy(self.session.run(None, feed)[0])[:n] for feed, n in self.feeds(x, t, text)])
 
 
-def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl"):
+def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl",
+                   flow_shift: float = 1.0):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
-    (the DreamLite mobile pipeline) for flow models; DDIM or Euler on the model's training schedule (``sdxl`` or
+    (the DreamLite mobile pipeline), shifted by ``flow_shift`` as diffusers shifts them (1: unchanged), for flow
+    models; DDIM or Euler on the model's training schedule (``sdxl`` or
     ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: DDIM
     clips its clean-latent estimate to [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are
     bounded, like pixel-unshuffle)."""
     if prediction == "flow":
-        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
         return s
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
@@ -146,7 +151,7 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
     """Run the reverse process from ``noise`` (B, C, h, w); ``branches`` are (text, context) pairs with context a
     (B, C, h, w) latent placed beside the target, or None for a model without in-context width. ``schedule``: the
     training schedule of an epsilon model."""
-    sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip), schedule)
+    sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip), schedule, s.flow_shift)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     width = noise.shape[-1]
     text = TextStates.cat([t for t, _ in branches])
@@ -185,6 +190,8 @@ def _check(b: Bundle, s: SamplerSettings) -> SamplerSettings:
         raise DreamliteError(f"{b.name}: sampling needs a text encoder and a codec beside the U-Net "
                              "(a preset without them can only be inspected)")
     s.check()
+    if s.flow_shift != 1 and b.prediction != "flow":
+        raise DreamliteError(f"flow_shift: applies to flow-matching models; {b.name} predicts {b.prediction}")
     return replace(s, clip=getattr(b.codec, "bounded", False) if s.clip is None else s.clip)
 
 

@@ -184,7 +184,9 @@ def test_teacher_starts_from_one_model_at_most(tmp_path):
     ({"tag_weights": {"positon": 3}}, r"tag_weights\.positon.*'position'"),
     ({"tag_weights": {"position": -1}}, r"tag_weights\.position.*greater than or equal"),
     ({"tag_weights": {t: 0 for t in GEN_TAGS}}, "every tag weighs 0"),
-    ({"snr_floor": 8.0}, "snr_floor 8.0 is above snr_gamma 5.0")])
+    ({"snr_floor": 8.0}, "snr_floor 8.0 is above snr_gamma 5.0"),
+    ({"sampler": {"flow_shift": 3}}, "sampler.flow_shift: applies to flow-matching models; this teacher predicts "
+                                     "epsilon")])
 def test_teacher_settings_are_checked_before_training(tmp_path, settings, message):
     data = {"name": "mix", "stages": [{"kind": "train-teacher", **settings, "train": {"steps": 1}}]}
     with pytest.raises(DreamliteError, match=message):

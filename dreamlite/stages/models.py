@@ -27,6 +27,7 @@ class SamplerDefaults(BaseModel):
     cfg: float = Field(5.0, ge=0)
     image_cfg: float = Field(1.5, ge=0, description="image guidance of editing (in-context models)")
     scheduler: Literal["ddim", "euler"] = "ddim"
+    flow_shift: float = Field(1.0, gt=0, description="flow models: shift of the sampling sigmas (1: unshifted)")
 
 
 class TrainTeacherStage(StageConfig):
@@ -63,6 +64,9 @@ class TrainTeacherStage(StageConfig):
             raise ValueError(f"snr_floor {self.snr_floor} is above snr_gamma {self.snr_gamma}")
         if self.tag_weights is not None and not any(self.weights()):
             raise ValueError("tag_weights: every tag weighs 0")
+        if self.sampler is not None and self.sampler.flow_shift != 1:
+            raise ValueError(f"sampler.flow_shift: applies to flow-matching models; this teacher predicts "
+                             f"{self.prediction}")
         return self
 
     def weights(self) -> tuple[float, ...] | None:
@@ -149,6 +153,7 @@ class BenchStage(ModelInput):
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
     cfg: float | None = Field(None, ge=0)
     image_cfg: float | None = Field(None, ge=0)
+    flow_shift: float | None = Field(None, gt=0)
     scheduler: Literal["ddim", "euler"] = "ddim"
     precision: Literal["fp32", "bf16"] | None = None
     batch: int = Field(16, ge=1)
@@ -163,7 +168,7 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     bundle = load_bundle(cfg.source(ctx), sampling=True)
     s = default_settings(bundle)
     s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
-    for k in ("steps", "cfg", "image_cfg", "precision"):
+    for k in ("steps", "cfg", "image_cfg", "precision", "flow_shift"):
         if getattr(cfg, k) is not None:
             setattr(s, k, getattr(cfg, k))
     s.check()

@@ -55,7 +55,7 @@ def test_folder_records_the_training_schedule_the_sampler_uses(tiny_folders, tmp
 
 def test_sample_then_edit(tiny_folders, tmp_path):
     r = invoke("sample", "--model", tiny_folders["shapes-mobile"], "--prompt", "a red circle", "--steps", 2,
-               "--out", tmp_path / "x.png")
+               "--flow-shift", 3, "--out", tmp_path / "x.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "x.png").size == (64, 64)
     r = invoke("edit", "--model", tiny_folders["shapes-mobile"], "--image", tmp_path / "x.png", "--prompt",
@@ -82,6 +82,8 @@ def test_edit_refuses_or_resizes_a_wrong_size_image(tiny_folders, tmp_path):
     (["edit", "--model", "{server}", "--image", "{png}", "--prompt", "remove the circle", "--out", "y.png"],
      "editing needs an in-context model"),
     (["info", "sdxl:{png}"], "expected an existing .safetensors file"),
+    (["sample", "--model", "{server}", "--prompt", "a circle", "--flow-shift", "3", "--out", "x.png"],
+     "flow_shift: applies to flow-matching models"),
 ])
 def test_bad_model_input_is_one_line(args, message, tiny_folders, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dreamlite.io import DreamliteError
-from dreamlite.models.sampler import (SamplerSettings, UNetDenoiser, denoise, edit, generate, guide, initial_noise)
+from dreamlite.models.sampler import (SamplerSettings, UNetDenoiser, denoise, edit, generate, guide, initial_noise,
+                                     make_scheduler)
 
 PROMPTS = ["a red circle", "two squares"]
 
@@ -36,6 +37,17 @@ def test_guidance_scale_one_equals_the_conditional_only_path(which, request):
     both = denoise(den, b.prediction, noise, [(empty, ctx), (cond, ctx)], s)
     only = denoise(den, b.prediction, noise, [(cond, ctx)], s)
     assert torch.allclose(both, only, atol=1e-4)
+
+
+def test_flow_shift_moves_the_sampling_sigmas_towards_noise(tiny_mobile):
+    plain, shifted = make_scheduler("flow", 4).sigmas, make_scheduler("flow", 4, flow_shift=3.0).sigmas
+    assert torch.allclose(plain, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))  # linspace(1, 1/N, N), then 0
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))  # 1 and 0 stay; every step between moves up
+    assert shifted[0] == 1 and (shifted[1:-1] > plain[1:-1]).all()
+    a = generate(tiny_mobile, PROMPTS, SamplerSettings(steps=3, cfg=2.0))
+    assert not np.array_equal(a, generate(tiny_mobile, PROMPTS, SamplerSettings(steps=3, cfg=2.0, flow_shift=3.0)))
+    with pytest.raises(DreamliteError, match="flow_shift: must be > 0"):
+        SamplerSettings(flow_shift=0).check()
 
 
 class Recorder:
