@@ -63,8 +63,9 @@ def main():
                           "seconds": round(time.perf_counter() - start, 1)}
             print(name, rows[name], flush=True)
     base = rows["fp32 torch"]
-    print(f"\n{a.n_per_tag} prompts per tag x {a.images_per_prompt}, {a.n_per_type} edits per type, "
-          f"{settings.steps} steps, guidance {settings.cfg} / image {settings.image_cfg}, seed {a.seed}\n")
+    grid = f"{settings.steps} steps (flow shift {settings.flow_shift})"
+    print(f"\n{a.n_per_tag} prompts per tag x {a.images_per_prompt}, {a.n_per_type} edits per type, {grid}, "
+          f"guidance {settings.cfg} / image {settings.image_cfg}, seed {a.seed}\n")
     print("| variant | GenEval-style | vs fp32 | ImgEdit-style | vs fp32 |\n|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['gen']:.3f} | {r['gen'] - base['gen']:+.3f} | {r['edit']:.2f} | "
