@@ -200,14 +200,8 @@ def _sampler_options(fn):
 
 def _settings(bundle, steps, cfg, seed, scheduler, batch, precision, flow_shift, image_cfg=None):
     from dreamlite.models.sampler import default_settings
-    s = default_settings(bundle)
-    s.seed, s.scheduler, s.batch = seed, scheduler, batch
-    s.precision = precision or s.precision
-    s.steps = steps or s.steps
-    s.cfg = s.cfg if cfg is None else cfg
-    s.image_cfg = s.image_cfg if image_cfg is None else image_cfg
-    s.flow_shift = s.flow_shift if flow_shift is None else flow_shift
-    return s.check()
+    return default_settings(bundle).override(seed=seed, scheduler=scheduler, batch=batch, precision=precision,
+                                             steps=steps, cfg=cfg, image_cfg=image_cfg, flow_shift=flow_shift).check()
 
 
 @main.command()

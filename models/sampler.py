@@ -49,15 +49,20 @@ class SamplerSettings:
             raise DreamliteError(f"flow_shift: must be > 0 (got {self.flow_shift})")
         return self
 
+    def override(self, **values) -> "SamplerSettings":
+        """A copy with each given value that is not None: a model's defaults under a recipe's or a user's choices."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+# What a model's ``dreamlite.json`` may set (its ``sampler`` entry); seed, batch and clip are the caller's.
+MODEL_DEFAULTS = ("steps", "cfg", "image_cfg", "scheduler", "precision", "flow_shift")
+
 
 def default_settings(b: Bundle) -> SamplerSettings:
     """The model's own defaults (``dreamlite.json`` ``sampler`` entry) over the family's: epsilon servers 50 DDIM
     steps, guidance 5; flow models 28 Euler steps, guidance 3.5 (DreamLite's base model)."""
     base = SamplerSettings(steps=50, cfg=5.0) if b.prediction != "flow" else SamplerSettings(steps=28, cfg=3.5)
-    for k, v in (b.meta.get("sampler") or {}).items():
-        if k in ("steps", "cfg", "image_cfg", "scheduler", "precision", "flow_shift"):
-            setattr(base, k, v)
-    return base
+    return base.override(**{k: v for k, v in (b.meta.get("sampler") or {}).items() if k in MODEL_DEFAULTS})
 
 
 class UNetDenoiser:

@@ -166,12 +166,9 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> dict:
     from dreamlite.models.sampler import default_settings
 
     bundle = load_bundle(cfg.source(ctx), sampling=True)
-    s = default_settings(bundle)
-    s.seed, s.scheduler, s.batch = ctx.seed, cfg.scheduler, cfg.batch
-    for k in ("steps", "cfg", "image_cfg", "precision", "flow_shift"):
-        if getattr(cfg, k) is not None:
-            setattr(s, k, getattr(cfg, k))
-    s.check()
+    s = default_settings(bundle).override(seed=ctx.seed, scheduler=cfg.scheduler, batch=cfg.batch, steps=cfg.steps,
+                                          cfg=cfg.cfg, image_cfg=cfg.image_cfg, precision=cfg.precision,
+                                          flow_shift=cfg.flow_shift).check()
     if cfg.bench == "gen":
         summary = bench_gen(bundle, ctx.dir / "geneval", cfg.n, cfg.images_per_prompt, s, ctx.seed, ctx.track)
         write_json(ctx.dir / "bench.json", {"bench": "gen", "folder": "geneval"})
