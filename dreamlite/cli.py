@@ -314,6 +314,41 @@ def bench_edit_cmd(model, out, n_per_type, image_cfg, json_path, steps, flow_shi
 
 
 @main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the benches, compare.md / compare.json and pareto.png; re-running reuses its benches.")
+@click.option("--label", "labels", multiple=True, help="A name per model, in order (default: from each path).")
+@click.option("--cost", type=click.Choice(["bytes", "params", "macs"]), default="bytes", show_default=True,
+              help="The size axis of the Pareto front.")
+@click.option("--n-per-tag", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--images-per-prompt", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--n-per-type", type=click.IntRange(0), default=10, show_default=True,
+              help="Edits per ImgEdit type for in-context models (0: generation only).")
+@click.option("--image-cfg", type=click.FloatRange(0), default=None, help="Image guidance (default: each model's).")
+@_sampler_options
+def compare(models, out, labels, cost, n_per_tag, images_per_prompt, n_per_type, image_cfg, steps, flow_shift, cfg,
+            seed, scheduler, batch, precision):
+    """Compare MODELS (presets, zoo:NAME, model or artifact folders) on size versus quality: footprint and the
+    same seeded GenEval- and ImgEdit-style benches for each, a table and the Pareto front. Sampler options left
+    out take each model's own defaults."""
+    from dreamlite.evaluation.compare import BenchPlan, compare as run_compare
+    plan = BenchPlan(n_per_tag, images_per_prompt, n_per_type, seed)
+    overrides = {k: v for k, v in dict(steps=steps, cfg=cfg, image_cfg=image_cfg, flow_shift=flow_shift,
+                                       scheduler=scheduler, batch=batch, precision=precision).items() if v is not None}
+    rows = run_compare(list(models), out, plan, labels, cost, overrides, track,
+                       log=lambda m: console.print(m, highlight=False))
+    table = Table(title=f"size versus quality (seed {seed})")
+    for c in ("model", "parameters", "MB", "GMACs/call", "GenEval-style", "ImgEdit-style", "front"):
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for r in rows:
+        front = ", ".join(t for t, k in (("gen", "geneval_front"), ("edit", "imgedit_front")) if r[k]) or "-"
+        table.add_row(r["label"], f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['macs_per_call'] / 1e9:.3f}",
+                      f"{r['geneval']:.3f}", "-" if r["imgedit"] is None else f"{r['imgedit']:.2f}", front)
+    Console().print(table)
+    console.print(f"-> {Path(out) / 'compare.md'}, {Path(out) / 'pareto.png'}")
+
+
+@main.command()
 @click.option("--teacher", required=True,
               help="With --target: an SDXL-layout U-Net (preset, zoo:NAME or model folder). With --width: any "
                    "diffusers model folder.")
