@@ -15,6 +15,7 @@ from dreamlite.io import DreamliteError, atomic_path, identity_track, read_json,
 
 COSTS = {"bytes": "bytes", "params": "parameters", "macs": "macs_per_call"}  # --cost name -> row key
 COST_TITLES = {"bytes": "bytes on disk", "params": "parameters", "macs": "MACs per U-Net call"}
+COST_UNITS = {"bytes": (1e6, "MB on disk"), "params": (1e6, "million parameters"), "macs": (1e9, "GMACs per U-Net call")}
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,22 @@ def plot_front(rows: list[dict], cost: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = [t for t in ("geneval", "imgedit") if any(r[t] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        pts = [(r[COSTS[cost]], r[task], r["label"], r[f"{task}_front"]) for r in rows if r[task] is not None]
+        scale, unit = COST_UNITS[cost]
+        pts = [(r[COSTS[cost]] / scale, r[task], r["label"], r[f"{task}_front"]) for r in rows if r[task] is not None]
         front = sorted((x, y) for x, y, _, on in pts if on)
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:blue", alpha=0.5)
         for x, y, label, on in pts:
             ax.scatter([x], [y], color="tab:blue" if on else "tab:gray", zorder=3)
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel(COST_TITLES[cost])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel(unit + " (log scale)")
         ax.set_ylabel({"geneval": "GenEval-style overall", "imgedit": "ImgEdit-style overall (1..5)"}[task])
         ax.grid(alpha=0.3)
     fig.tight_layout()
