@@ -331,7 +331,7 @@ def compare(models, out, labels, cost, n_per_tag, images_per_prompt, n_per_type,
     """Compare MODELS (presets, zoo:NAME, model or artifact folders) on size versus quality: footprint and the
     same seeded GenEval- and ImgEdit-style benches for each, a table and the Pareto front. Sampler options left
     out take each model's own defaults."""
-    from dreamlite.evaluation.compare import BenchPlan, compare as run_compare
+    from dreamlite.evaluation.compare import BenchPlan, compare as run_compare, on_front
     plan = BenchPlan(n_per_tag, images_per_prompt, n_per_type, seed)
     overrides = {k: v for k, v in dict(steps=steps, cfg=cfg, image_cfg=image_cfg, flow_shift=flow_shift,
                                        scheduler=scheduler, batch=batch, precision=precision).items() if v is not None}
@@ -341,9 +341,8 @@ def compare(models, out, labels, cost, n_per_tag, images_per_prompt, n_per_type,
     for c in ("model", "parameters", "MB", "GMACs/call", "GenEval-style", "ImgEdit-style", "front"):
         table.add_column(c, justify="left" if c == "model" else "right")
     for r in rows:
-        front = ", ".join(t for t, k in (("gen", "geneval_front"), ("edit", "imgedit_front")) if r[k]) or "-"
         table.add_row(r["label"], f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['macs_per_call'] / 1e9:.3f}",
-                      f"{r['geneval']:.3f}", "-" if r["imgedit"] is None else f"{r['imgedit']:.2f}", front)
+                      f"{r['geneval']:.3f}", "-" if r["imgedit"] is None else f"{r['imgedit']:.2f}", on_front(r) or "-")
     Console().print(table)
     console.print(f"-> {Path(out) / 'compare.md'}, {Path(out) / 'pareto.png'}")
 

@@ -2,8 +2,8 @@
 edits and noise for every model), one table, and the Pareto front (no other model is both smaller and better) as a
 plot.
 
-Each model's benches live in ``out/NN-<label>/`` beside a ``request.json`` naming what was asked; running the same
-comparison again reuses them, so adding a model to a comparison benches only the new one.
+Each model's benches live in ``out/<label>/`` beside a ``request.json`` naming what was asked; running the same
+comparison again, in any order, reuses them, so adding a model to a comparison benches only the new one.
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ def labels_for(models: list[str], labels: list[str]) -> list[str]:
         for spec in models:
             parts = Path(spec).parts or (spec,)
             labels.append("/".join(parts[-2:]) if parts[-1] in ("model", "artifact") and len(parts) > 1 else parts[-1])
-    twice = sorted({x for x in labels if labels.count(x) > 1})
+    slugs = [_slug(x) for x in labels]
+    twice = sorted({x for x, s in zip(labels, slugs) if slugs.count(s) > 1})
     if twice:
-        raise DreamliteError(f"--label: {twice[0]!r} names two models; give each model its own --label")
+        raise DreamliteError(f"--label: {twice[0]!r} names two models (labels name folders: letters, digits, '.', "
+                             "'_' and '-' count); give each model its own --label")
     return labels
 
 
@@ -114,7 +116,7 @@ def compare(models: list[str], out, plan: BenchPlan = BenchPlan(), labels: list[
     rows = []
     for k, (spec, label) in enumerate(zip(models, labels_for(list(models), list(labels)))):
         log(f"[{k + 1}/{len(models)}] {label}")
-        rows.append(measure(spec, label, out / f"{k + 1:02d}-{_slug(label)}", plan, overrides or {}, track))
+        rows.append(measure(spec, label, out / _slug(label), plan, overrides or {}, track))
     for task in ("geneval", "imgedit"):
         front = pareto_front([(r[COSTS[cost]], r[task]) for r in rows])
         for r, on in zip(rows, front):
@@ -134,12 +136,17 @@ def compare_markdown(rows: list[dict], plan: BenchPlan, cost: str) -> str:
                  "images/s | on the front |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        front = ", ".join(t for t, key in (("gen", "geneval_front"), ("edit", "imgedit_front")) if r[key]) or "–"
+        front = on_front(r) or "–"
         edit = f"{r['imgedit']:.2f}" if r["imgedit"] is not None else "–"
         lines.append(f"| {r['label']} | {r['format']} | {r['parameters']:,} | {r['bytes'] / 1e6:.2f} | "
                      f"{r['macs_per_call'] / 1e9:.3f} | {r['steps']} | {r['geneval']:.3f} | {edit} | "
                      f"{r['images_per_s']:.2f} | {front} |")
     return "\n".join(lines) + "\n"
+
+
+def on_front(row: dict) -> str:
+    """Which fronts a compared row is on: "gen", "edit", both or neither ("")."""
+    return ", ".join(t for t, key in (("gen", "geneval_front"), ("edit", "imgedit_front")) if row[key])
 
 
 def plot_front(rows: list[dict], cost: str, path: Path) -> None:

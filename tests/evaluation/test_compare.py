@@ -26,6 +26,8 @@ def test_labels_come_from_paths_and_must_be_unique():
         labels_for(["a"], ["p", "q"])
     with pytest.raises(DreamliteError, match="'m' names two models"):
         labels_for(["a/m", "b/m"], [])
+    with pytest.raises(DreamliteError, match="'a b' names two models"):  # both would be the folder a-b
+        labels_for(["x", "y"], ["a b", "a-b"])
 
 
 def test_compare_benches_every_model_alike_writes_the_table_and_plot_and_reuses_its_benches(tiny_folders, tmp_path):
@@ -42,14 +44,17 @@ def test_compare_benches_every_model_alike_writes_the_table_and_plot_and_reuses_
     assert mobile["geneval_front"]  # the smallest model is on the front whatever it scores
     assert server["geneval_front"] == (server["geneval"] > mobile["geneval"])
     # the same seed gives both models the same prompts
-    prompts = [(out / d / "geneval" / "00005" / "metadata.jsonl").read_text() for d in ("01-server", "02-mobile")]
+    prompts = [(out / d / "geneval" / "00005" / "metadata.jsonl").read_text() for d in ("server", "mobile")]
     assert prompts[0] == prompts[1]
     assert (out / "pareto.png").stat().st_size > 0 and "| mobile | diffusers |" in (out / "compare.md").read_text()
-    stamp = (out / "02-mobile" / "imgedit" / "summary.json").stat().st_mtime_ns
+    stamp = (out / "mobile" / "imgedit" / "summary.json").stat().st_mtime_ns
     assert invoke(*args).exit_code == 0  # re-running reuses the benches
-    assert (out / "02-mobile" / "imgedit" / "summary.json").stat().st_mtime_ns == stamp
+    assert (out / "mobile" / "imgedit" / "summary.json").stat().st_mtime_ns == stamp
+    r = invoke("compare", args[2], args[1], "--label", "mobile", "--label", "server", *args[7:])  # in another order
+    assert r.exit_code == 0 and (out / "mobile" / "imgedit" / "summary.json").stat().st_mtime_ns == stamp
+    assert [row["label"] for row in json.loads((out / "compare.json").read_text())["rows"]] == ["mobile", "server"]
     r = invoke(*args[:-4], "--steps", 3)  # other sampler settings in the same folder: refused, nothing overwritten
-    assert r.exit_code == 1 and "01-server: benched earlier with other settings" in r.output
+    assert r.exit_code == 1 and "server: benched earlier with other settings" in r.output
     assert r.output.count("Error") == 1 and r.output.strip().splitlines()[-1].startswith("Error: ")
 
 
