@@ -238,6 +238,11 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     task = RecoverTask(student.unet, student.text, student.codec, student.image_size, student.in_context,
                        teacher.unet if teacher is not None and wants_teacher else None,
                        *((teacher.prediction, teacher.schedule, teacher.in_context) if teacher else ()))
+    if task.projector is not None and student.meta.get("stage") == "recover" and any(
+            p.weights.feature and p.task != "edit" for p in phases):
+        log("note: the student was recovered before and its feature projections start fresh; while they are random "
+            "they pull its features (docs/recovery.md, 'More steps from the recovered student'); weights.feature 0 "
+            "continues without them")
     task.student.train()
     latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
     summaries = []

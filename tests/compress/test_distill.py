@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dreamlite.compress.distill import EpsilonToFlow, Phase, flow_noise, flow_velocity, recover, recover_batch, sample_sigmas
+from dreamlite.compress.distill.config import LossWeights
 from dreamlite.compress.distill.features import FeatureProjector, Taps, matching_blocks
 from dreamlite.compress.distill.recover import BatchSpec, RecoverTask
 from dreamlite.data import ShapesData
@@ -265,6 +266,17 @@ def test_recover_trains_every_phase_and_resumes_exactly(tmp_path, monkeypatch):
     recover(student, teacher, _phases(), tmp_path / "split", ShapesData(), log=lambda m: None)
     resumed = _weights(student)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+
+
+def test_continuing_a_recovered_student_with_feature_distillation_says_its_projections_start_fresh(tmp_path):
+    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    student.meta["stage"] = "recover"  # what a recover stage's model/ records
+    train = TrainSettings(steps=1, batch=2, warmup=0, log_every=1, checkpoint_every=1)
+    for feature, said in ((1.0, True), (0.0, False)):
+        logs = []
+        recover(student, teacher, [Phase(task="t2i", train=train, weights=LossWeights(feature=feature))],
+                tmp_path / str(feature), ShapesData(), log=logs.append)
+        assert any("projections start fresh" in m for m in logs) == said
 
 
 def test_recover_refuses_students_it_cannot_train_before_training(tmp_path):
