@@ -331,18 +331,18 @@ def compare(models, out, labels, cost, n_per_tag, images_per_prompt, n_per_type,
     """Compare MODELS (presets, zoo:NAME, model or artifact folders) on size versus quality: footprint and the
     same seeded GenEval- and ImgEdit-style benches for each, a table and the Pareto front. Sampler options left
     out take each model's own defaults."""
-    from dreamlite.evaluation.compare import BenchPlan, compare as run_compare, on_front
+    from dreamlite.evaluation.compare import COLUMNS, BenchPlan, cells, compare as run_compare
     plan = BenchPlan(n_per_tag, images_per_prompt, n_per_type, seed)
-    overrides = {k: v for k, v in dict(steps=steps, cfg=cfg, image_cfg=image_cfg, flow_shift=flow_shift,
-                                       scheduler=scheduler, batch=batch, precision=precision).items() if v is not None}
+    overrides = dict(steps=steps, cfg=cfg, image_cfg=image_cfg, flow_shift=flow_shift, scheduler=scheduler,
+                     batch=batch, precision=precision)  # None: the model's own (SamplerSettings.override)
     rows = run_compare(list(models), out, plan, labels, cost, overrides, track,
                        log=lambda m: console.print(m, highlight=False))
     table = Table(title=f"size versus quality (seed {seed})")
-    for c in ("model", "parameters", "MB", "GMACs/call", "GenEval-style", "ImgEdit-style", "front"):
-        table.add_column(c, justify="left" if c == "model" else "right")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("model", "format", "on the front") else "right",
+                         no_wrap=c == "model")
     for r in rows:
-        table.add_row(r["label"], f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['macs_per_call'] / 1e9:.3f}",
-                      f"{r['geneval']:.3f}", "-" if r["imgedit"] is None else f"{r['imgedit']:.2f}", on_front(r) or "-")
+        table.add_row(*cells(r))
     Console().print(table)
     console.print(f"-> {Path(out) / 'compare.md'}, {Path(out) / 'pareto.png'}")
 

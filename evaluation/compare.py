@@ -13,9 +13,11 @@ from pathlib import Path
 
 from dreamlite.io import DreamliteError, atomic_path, identity_track, read_json, staged_dir, write_json, write_text
 
-COSTS = {"bytes": "bytes", "params": "parameters", "macs": "macs_per_call"}  # --cost name -> row key
-COST_TITLES = {"bytes": "bytes on disk", "params": "parameters", "macs": "MACs per U-Net call"}
-COST_UNITS = {"bytes": (1e6, "MB on disk"), "params": (1e6, "million parameters"), "macs": (1e9, "GMACs per U-Net call")}
+# --cost name -> (row key, plot scale, plot axis)
+COSTS = {"bytes": ("bytes", 1e6, "MB on disk"), "params": ("parameters", 1e6, "million parameters"),
+         "macs": ("macs_per_call", 1e9, "GMACs per U-Net call")}
+COLUMNS = ("model", "format", "parameters", "MB", "GMACs / call", "steps", "GenEval-style", "ImgEdit-style",
+           "images/s", "on the front")  # the table of compare.md and of the terminal
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def compare(models: list[str], out, plan: BenchPlan = BenchPlan(), labels: list[
         log(f"[{k + 1}/{len(models)}] {label}")
         rows.append(measure(spec, label, out / _slug(label), plan, overrides or {}, track))
     for task in ("geneval", "imgedit"):
-        front = pareto_front([(r[COSTS[cost]], r[task]) for r in rows])
+        front = pareto_front([(r[COSTS[cost][0]], r[task]) for r in rows])
         for r, on in zip(rows, front):
             r[f"{task}_front"] = on
     write_json(out / "compare.json", {"plan": asdict(plan), "cost": cost, "rows": rows})
@@ -131,22 +133,19 @@ def compare_markdown(rows: list[dict], plan: BenchPlan, cost: str) -> str:
     lines = [f"# Size versus quality ({len(rows)} models)", "",
              f"GenEval-style: {plan.n_per_tag} prompts per tag x {plan.images_per_prompt} images; ImgEdit-style: "
              f"{plan.n_per_type} edits per type (in-context models); seed {plan.seed}, the same prompts, edits and "
-             f"noise for every model. On the front: no other model has fewer {COST_TITLES[cost]} and a higher score.",
-             "", "| model | format | parameters | MB | GMACs / call | steps | GenEval-style | ImgEdit-style | "
-                 "images/s | on the front |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        front = on_front(r) or "–"
-        edit = f"{r['imgedit']:.2f}" if r["imgedit"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['format']} | {r['parameters']:,} | {r['bytes'] / 1e6:.2f} | "
-                     f"{r['macs_per_call'] / 1e9:.3f} | {r['steps']} | {r['geneval']:.3f} | {edit} | "
-                     f"{r['images_per_s']:.2f} | {front} |")
+             f"noise for every model. On the front: no other model is smaller ({COSTS[cost][2]}) and scores higher.",
+             "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|"]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def on_front(row: dict) -> str:
-    """Which fronts a compared row is on: "gen", "edit", both or neither ("")."""
-    return ", ".join(t for t, key in (("gen", "geneval_front"), ("edit", "imgedit_front")) if row[key])
+def cells(r: dict) -> list[str]:
+    """A compared row as the table's text cells (``COLUMNS``), for compare.md and the terminal."""
+    front = ", ".join(t for t, key in (("gen", "geneval_front"), ("edit", "imgedit_front")) if r[key]) or "–"
+    edit = f"{r['imgedit']:.2f}" if r["imgedit"] is not None else "–"
+    return [r["label"], r["format"], f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f}",
+            f"{r['macs_per_call'] / 1e9:.3f}", str(r["steps"]), f"{r['geneval']:.3f}", edit, f"{r['images_per_s']:.2f}",
+            front]
 
 
 def plot_front(rows: list[dict], cost: str, path: Path) -> None:
@@ -159,8 +158,8 @@ def plot_front(rows: list[dict], cost: str, path: Path) -> None:
     tasks = [t for t in ("geneval", "imgedit") if any(r[t] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        scale, unit = COST_UNITS[cost]
-        pts = [(r[COSTS[cost]] / scale, r[task], r["label"], r[f"{task}_front"]) for r in rows if r[task] is not None]
+        key, scale, unit = COSTS[cost]
+        pts = [(r[key] / scale, r[task], r["label"], r[f"{task}_front"]) for r in rows if r[task] is not None]
         front = sorted((x, y) for x, y, _, on in pts if on)
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:blue", alpha=0.5)
         for x, y, label, on in pts:
