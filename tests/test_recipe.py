@@ -275,9 +275,11 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
         _recover_stage({"input": "prune"}, {"teacher": server}, sampler={"steps": 2, "cfg": 2.0}),
         {"kind": "bench", "name": "edit", "bench": "edit", "input": "recover", "n": 1},
         {"kind": "bench", "name": "gen", "bench": "gen", "input": "recover", "n": 1, "images_per_prompt": 1},
+        _recover_stage({"input": "recover"}, {"teacher": server}) | {"name": "more"},
     ]}
-    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
-    _, recover, edit, gen = (s["metrics"] for s in report["stages"])
+    logs = []
+    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=logs.append)
+    _, recover, edit, gen, _ = (s["metrics"] for s in report["stages"])
     assert list(recover["phases"]) == ["1-t2i", "2-edit", "3-joint"] and recover["steps"] == 3
     before, after = recover["held_out"]["before"], recover["held_out"]["after"]
     assert after["t2i"]["mean"] == recover["held_out_t2i_loss"] and set(after) == set(before) >= {"edit", "source_gain"}
@@ -290,6 +292,11 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
     assert DreamLiteUNetModel.from_pretrained(model).config.block_out_channels == [8, 8, 16]
     assert edit["images"] == 9 and 1 <= edit["overall"] <= 5 and gen["images"] == 6
     assert "recover" in (tmp_path / "run/report.md").read_text()
+    # the feature projections are kept beside model/ (not in it), and a continuation starts from them
+    assert (tmp_path / "run/02-recover/feature_projections.safetensors").is_file()
+    assert not list(model.glob("feature_projections*"))
+    assert any(m.startswith("continuing the feature projections saved in") for m in logs)
+    assert not any("projections start fresh" in m for m in logs)
 
 
 def test_recover_needs_one_student(tmp_path):

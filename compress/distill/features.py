@@ -4,10 +4,19 @@ the teacher's. An in-context student's maps are (target | cond) along the width:
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
-from dreamlite.io import DreamliteError
+from dreamlite.io import DreamliteError, atomic_path
+
+# A recover stage writes its trained projections here, beside its model/ folder, so that a later recover stage
+# that continues from that model does not start them at random (docs/recovery.md).
+PROJECTIONS = "feature_projections.safetensors"
 
 
 def block_widths(config) -> dict[str, int]:
@@ -53,8 +62,8 @@ class Taps:
 
 
 class FeatureProjector(nn.Module):
-    """One 1x1 convolution per matched block, student width -> teacher width (trained with the student, then
-    dropped)."""
+    """One 1x1 convolution per matched block, student width -> teacher width (trained with the student; saved
+    beside it, apart from the model, for a later continuation)."""
 
     def __init__(self, widths: dict[str, tuple[int, int]]):
         super().__init__()
@@ -73,3 +82,30 @@ class FeatureProjector(nn.Module):
             err = (proj(s.float()) - t).pow(2).mean(dim=(1, 2, 3))
             losses.append(err / t.pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-6))
         return torch.stack(losses).mean(0)
+
+    def save(self, path, teacher: str) -> None:
+        """Write the projections (safetensors, atomically), recording the teacher they map onto."""
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"teacher": teacher, "blocks": json.dumps(self.names)})
+
+    def load(self, path, teacher: str) -> str | None:
+        """Start from projections ``save`` wrote for the same blocks, widths and teacher. Returns None when loaded,
+        else why not (the projections are then left as they were)."""
+        path = Path(path)
+        if not path.is_file():
+            return f"no {path.name} beside the student"
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            return f"{path}: not readable ({e})"
+        if meta.get("teacher") != teacher:
+            return f"{path.name} maps onto teacher {meta.get('teacher')!r}, not {teacher!r}"
+        own = self.state_dict()
+        if meta.get("blocks") != json.dumps(self.names) or tensors.keys() != own.keys() or any(
+                tensors[k].shape != own[k].shape for k in own):
+            return f"{path.name} was trained for other block widths"
+        self.load_state_dict(tensors)
+        return None

@@ -23,7 +23,7 @@ from dreamlite.models.text import TextStates
 from dreamlite.train import fit
 
 from .config import LossWeights, Phase
-from .features import FeatureProjector, Taps, matching_blocks
+from .features import PROJECTIONS, FeatureProjector, Taps, matching_blocks
 from .flow import (EpsilonToFlow, SigmaSampling, flow_noise, flow_timestep, flow_velocity, sample_sigmas,
                    shift_sigmas)
 
@@ -125,7 +125,7 @@ class RecoverTask(nn.Module):
 
     def __init__(self, student, text, codec, image_size: int, in_context: bool = True, teacher=None,
                  teacher_prediction: str = "epsilon", teacher_schedule: str = "sdxl", teacher_in_context: bool = False,
-                 weights: LossWeights = LossWeights()):
+                 weights: LossWeights = LossWeights(), projector: FeatureProjector | None = None):
         super().__init__()
         self.student, self.text, self.codec, self.size = student, CachedText(text), codec, image_size
         self.in_context = in_context
@@ -136,7 +136,10 @@ class RecoverTask(nn.Module):
             teacher.requires_grad_(False).eval()
             self.teacher_view = FlowView(teacher, teacher_prediction, teacher_schedule, teacher_in_context, image_size)
             blocks = matching_blocks(student.config, teacher.config)
-            self.projector = FeatureProjector(blocks)
+            if projector is not None and projector.names != list(blocks):
+                raise DreamliteError(f"feature projections: given for blocks {projector.names}, the pair has "
+                                     f"{list(blocks)}")
+            self.projector = projector if projector is not None else FeatureProjector(blocks)
             self.student_taps, self.teacher_taps = Taps(student, blocks), Taps(teacher, blocks)
 
     def _student(self, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, text: TextStates) -> torch.Tensor:
@@ -226,23 +229,47 @@ def _text_differs(a, b) -> bool:
     return sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _distils_features(phases: list[Phase]) -> bool:
+    return any(p.weights.feature and p.task != "edit" for p in phases)
+
+
+def _fresh_note(why: str) -> str:
+    return (f"note: the student was recovered before and its feature projections start fresh ({why}); while they "
+            "are random they pull its features (docs/recovery.md, 'More steps from the recovered student'); "
+            "weights.feature 0 continues without them")
+
+
+def saved_projector(student, teacher, phases: list[Phase], log=print) -> FeatureProjector | None:
+    """The feature projections for ``recover(..., projector=)``: None when no phase distils features; else fresh
+    ones (initialised from torch's RNG), continued from the file a recover stage wrote beside a recovered student's
+    ``model/`` folder (``PROJECTIONS``) when it maps the same blocks onto the same teacher."""
+    if teacher is None or not _distils_features(phases):
+        return None
+    projector = FeatureProjector(matching_blocks(student.unet.config, teacher.unet.config))
+    if student.meta.get("stage") == "recover":
+        where = Path(student.folder).parent / PROJECTIONS if student.folder else None
+        why = projector.load(where, teacher.name) if where else "the student has no folder"
+        log(f"continuing the feature projections saved in {where}" if why is None else _fresh_note(why))
+    return projector
+
+
 def recover(student, teacher, phases: list[Phase], folder, data: DataSource, seed: int = 0,
             sigma_sampling: SigmaSampling = "logit-normal", shift: float = 1.0, edit_shift: float | None = None,
-            track=identity_track, log=print) -> list[dict]:
+            track=identity_track, log=print, projector: FeatureProjector | None = None) -> list[dict]:
     """Train the ``student`` Bundle in place through ``phases`` in order (each resumes from its own checkpoint in
     ``folder/NN-task``), distilling from the ``teacher`` Bundle (or None). The student's parameters end as the last
     phase's EMA. ``shift`` / ``edit_shift``: the training sigmas' shift for text-to-image / editing samples
-    (``edit_shift`` None: the same). Returns one training summary per phase."""
+    (``edit_shift`` None: the same). ``projector``: the feature projections to train (``saved_projector``; None:
+    fresh ones, dropped afterwards); it ends as the last phase's EMA too. Returns one training summary per phase."""
     check_pair(student, teacher, any(p.task != "t2i" for p in phases))
     wants_teacher = any(p.weights.output or p.weights.feature for p in phases if p.task != "edit")
     task = RecoverTask(student.unet, student.text, student.codec, student.image_size, student.in_context,
                        teacher.unet if teacher is not None and wants_teacher else None,
-                       *((teacher.prediction, teacher.schedule, teacher.in_context) if teacher else ()))
-    if task.projector is not None and student.meta.get("stage") == "recover" and any(
-            p.weights.feature and p.task != "edit" for p in phases):
-        log("note: the student was recovered before and its feature projections start fresh; while they are random "
-            "they pull its features (docs/recovery.md, 'More steps from the recovered student'); weights.feature 0 "
-            "continues without them")
+                       *((teacher.prediction, teacher.schedule, teacher.in_context) if teacher else ()),
+                       projector=projector)
+    if projector is None and task.projector is not None and student.meta.get("stage") == "recover" and \
+            _distils_features(phases):
+        log(_fresh_note("none were given"))
     task.student.train()
     latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
     summaries = []

@@ -42,7 +42,8 @@ class RecoverStage(StageConfig):
 @stage(RecoverStage, distributed=True)
 def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     from dreamlite.compress.distill.heldout import held_out_losses
-    from dreamlite.compress.distill.recover import recover
+    from dreamlite.compress.distill.features import PROJECTIONS
+    from dreamlite.compress.distill.recover import recover, saved_projector
     from dreamlite.data import data_source
     from dreamlite.models.bundle import load_bundle
     from dreamlite.train import check_launch
@@ -55,8 +56,9 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     tasks = {t for p in cfg.phases for t in (("t2i", "edit") if p.task == "joint" else (p.task,))}  # what data has
     before = held_out_losses(student, data, tasks=tasks) if ctx.main else None
     torch.manual_seed(ctx.seed)  # the feature projections' initialisation
+    projector = saved_projector(student, teacher, cfg.phases, ctx.log if ctx.main else (lambda m: None))
     phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data, ctx.seed, cfg.sigma_sampling, cfg.shift,
-                     cfg.edit_shift, track=ctx.track, log=ctx.log)
+                     cfg.edit_shift, track=ctx.track, log=ctx.log, projector=projector)
     held_out = {}
     if ctx.main:
         after = held_out_losses(student, data, tasks=tasks)
@@ -74,5 +76,7 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
         student.save_pretrained(ctx.dir / "model", stage="recover", parent=student.name,
                                 teacher=teacher.name if teacher else None,
                                 phases=[p.model_dump(mode="json") for p in cfg.phases], **extra)
+        if projector is not None:  # beside model/, not in it: a training aid, not part of the model's footprint
+            projector.save(ctx.dir / PROJECTIONS, teacher.name)
     return {"steps": sum(p.train.steps for p in cfg.phases), "final_loss": phases[-1]["final_loss"],
             "phases": {f"{i + 1}-{p['phase']}": p for i, p in enumerate(phases)}, **held_out}

@@ -279,6 +279,26 @@ def test_continuing_a_recovered_student_with_feature_distillation_says_its_proje
         assert any("projections start fresh" in m for m in logs) == said
 
 
+def test_feature_projections_reload_only_onto_the_same_teacher_and_widths(tmp_path):
+    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+    blocks = matching_blocks(student.unet.config, teacher.unet.config)
+    torch.manual_seed(0)
+    saved = FeatureProjector(blocks)
+    saved.save(tmp_path / "p.safetensors", "teacher-a")
+    torch.manual_seed(1)
+    fresh = FeatureProjector(blocks)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert "teacher-a" in fresh.load(tmp_path / "p.safetensors", "teacher-b")
+    assert "no q.safetensors" in fresh.load(tmp_path / "q.safetensors", "teacher-a")
+    wider = FeatureProjector({k: (s + 1, t) for k, (s, t) in blocks.items()})
+    assert "other block widths" in wider.load(tmp_path / "p.safetensors", "teacher-a")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # refused: left as it was
+    assert fresh.load(tmp_path / "p.safetensors", "teacher-a") is None
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    assert "not readable" in fresh.load(tmp_path / "bad.safetensors", "teacher-a")
+
+
 def test_recover_refuses_students_it_cannot_train_before_training(tmp_path):
     server = tiny_bundle("shapes-server")
     with pytest.raises(DreamliteError, match="editing needs an in-context student"):
