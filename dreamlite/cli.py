@@ -31,10 +31,36 @@ class Group(click.Group):
             raise click.ClickException(str(e)) from None
 
 
+# Loggers that speak while torchao is imported: torchao itself (its CUDA kernels do not load on a CPU build), torch's
+# pytree registry (deprecated registrations) and diffusers' torchao quantizer.
+TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_torchao_import() -> None:
+    """Import diffusers' quantizers with the loggers above at ERROR, then restore them. With the [inc] extra installed,
+    torchao (a dependency of neural-compressor) is present, diffusers imports it at start-up, and every command would
+    begin with five warnings about kernels that dreamlite never uses."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger(name) for name in TORCHAO_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import diffusers.quantizers  # noqa: F401  (imports torchao when it is installed)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="dreamlite")
 def main():
     """dreamlite: derive a DreamLite-class mobile diffusion model from a server U-Net, and judge it."""
+    quiet_torchao_import()
 
 
 @main.command()

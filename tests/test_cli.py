@@ -68,3 +68,15 @@ def test_cli_and_recipes_offer_every_registered_importance_criterion():
     option = next(p for p in main.commands["prune"].params if p.name == "importance")
     assert tuple(option.type.choices) == CRITERIA == get_args(Criterion)
     assert all(make_importance(c) is not None for c in CRITERIA)
+
+
+def test_commands_start_without_torchao_warnings_when_the_inc_extra_is_installed():
+    # with [inc], torchao is installed and diffusers imports it at start-up: five warnings about CUDA kernels and
+    # deprecated registrations, before every command, unless the CLI quiets that import
+    pytest.importorskip("torchao")
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "dreamlite.cli", "info", "shapes-mobile", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert '"parameters": 1759472' in run.stdout
+    assert "torchao" not in run.stderr and "register_constant" not in run.stderr, run.stderr
