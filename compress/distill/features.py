@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from dreamlite.io import DreamliteError, atomic_path
 
@@ -96,9 +96,9 @@ class FeatureProjector(nn.Module):
         if not path.is_file():
             return f"no {path.name} beside the student"
         try:
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt") as f:  # one read: the metadata and the tensors
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             return f"{path}: not readable ({e})"
         if meta.get("teacher") != teacher:

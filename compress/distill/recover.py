@@ -259,17 +259,16 @@ def recover(student, teacher, phases: list[Phase], folder, data: DataSource, see
     """Train the ``student`` Bundle in place through ``phases`` in order (each resumes from its own checkpoint in
     ``folder/NN-task``), distilling from the ``teacher`` Bundle (or None). The student's parameters end as the last
     phase's EMA. ``shift`` / ``edit_shift``: the training sigmas' shift for text-to-image / editing samples
-    (``edit_shift`` None: the same). ``projector``: the feature projections to train (``saved_projector``; None:
-    fresh ones, dropped afterwards); it ends as the last phase's EMA too. Returns one training summary per phase."""
+    (``edit_shift`` None: the same). ``projector``: the feature projections to train, ending as the last phase's
+    EMA (None: ``saved_projector``'s, which the caller then cannot save). Returns one training summary per phase."""
     check_pair(student, teacher, any(p.task != "t2i" for p in phases))
+    if projector is None:
+        projector = saved_projector(student, teacher, phases, log)
     wants_teacher = any(p.weights.output or p.weights.feature for p in phases if p.task != "edit")
     task = RecoverTask(student.unet, student.text, student.codec, student.image_size, student.in_context,
                        teacher.unet if teacher is not None and wants_teacher else None,
                        *((teacher.prediction, teacher.schedule, teacher.in_context) if teacher else ()),
                        projector=projector)
-    if projector is None and task.projector is not None and student.meta.get("stage") == "recover" and \
-            _distils_features(phases):
-        log(_fresh_note("none were given"))
     task.student.train()
     latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
     summaries = []
