@@ -277,7 +277,7 @@ def summary_line(metrics: dict) -> str:
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def _flat(d: dict) -> dict:

@@ -3,6 +3,7 @@ import os
 import pytest
 import yaml
 
+from dreamlite.compress.distill.heldout import SIGMAS
 from dreamlite.evaluation.shapes import GEN_TAGS
 from dreamlite.io import DreamliteError
 from dreamlite.recipe import load_recipe, report_markdown, run_recipe, stage_kinds
@@ -285,6 +286,9 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
     assert after["t2i"]["mean"] == recover["held_out_t2i_loss"] and set(after) == set(before) >= {"edit", "source_gain"}
     assert recover["edit_loss_at_sigma_1"] == after["edit"]["per_sigma"]["1.0"]
     assert recover["copy_source_loss"] == before["copy_source"]["mean"] > 0  # the same edits before and after
+    teacher_row = recover["held_out"]["teacher"]["t2i"]["per_sigma"]
+    assert teacher_row["1.0"] is None and teacher_row["0.5"] > 0  # the server's schedule stops short of sigma 1
+    assert recover["teacher_worse_from_sigma"] is None or float(recover["teacher_worse_from_sigma"]) in SIGMAS
     model = tmp_path / "run/02-recover/model"
     meta = json.loads((model / "dreamlite.json").read_text())
     assert meta["prediction"] == "flow" and "schedule" not in meta and meta["sampler"]["steps"] == 2

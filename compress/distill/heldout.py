@@ -17,7 +17,7 @@ import torch
 from dreamlite.data import DataSource, images_to_tensor
 
 from .flow import flow_noise, flow_velocity
-from .recover import flow_call
+from .recover import FlowView, flow_call
 
 SIGMAS = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1)
 HELD_OUT_SEED = 9_000_017  # far from any recipe's training seeds (training draws from (seed, step, phase))
@@ -67,3 +67,42 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
         copy = round((x0 - src).pow(2).mean().item(), 5)
         out["copy_source"] = {"mean": copy, "per_sigma": {"1.0": copy}}
     return out
+
+
+@torch.no_grad()
+def teacher_held_out_losses(teacher, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: int = HELD_OUT_SEED,
+                            batch: int = 16, student=None) -> dict:
+    """{"t2i": {"mean", "per_sigma"}}: ``held_out_losses``' text-to-image row for the ``teacher`` Bundle (the same
+    samples and noise), its prediction seen as a flow velocity (``FlowView``). A sigma beyond the teacher's schedule
+    is None and left out of the mean. ``student``: a Bundle whose text encoder and codec to use (distillation shares
+    them), else the teacher's."""
+    companion = student or teacher
+    images, captions = data.t2i(np.random.default_rng([seed, 0]), n)  # held_out_losses draws these first
+    x0 = companion.codec.encode(images_to_tensor(images))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    text = companion.text.encode(captions)
+    view = FlowView(teacher.unet, teacher.prediction, teacher.schedule, teacher.in_context, teacher.image_size)
+    was_training = teacher.unet.training
+    teacher.unet.eval()
+    per_sigma = {}
+    for sigma in sigmas:
+        s = torch.full((n,), sigma)
+        x = flow_noise(x0, noise, s)
+        parts = [view(x[k:k + batch], s[k:k + batch], text[k:k + batch]) for k in range(0, n, batch)]
+        if not all(bool(valid.all()) for _, valid in parts):
+            per_sigma[str(sigma)] = None
+            continue
+        v = torch.cat([v for v, _ in parts])
+        per_sigma[str(sigma)] = round((v - flow_velocity(x0, noise)).pow(2).mean().item(), 5)
+    teacher.unet.train(was_training)
+    reached = [x for x in per_sigma.values() if x is not None]
+    return {"t2i": {"mean": round(float(np.mean(reached)), 5) if reached else None, "per_sigma": per_sigma}}
+
+
+def teacher_worse_from(teacher: dict, student: dict) -> float | None:
+    """The lowest sigma at which the teacher's held-out text-to-image loss is above the student's (each a
+    ``{"per_sigma": ...}`` row): from there up, output distillation pulls toward a worse target than the data's.
+    None when the teacher is better wherever its schedule reaches."""
+    worse = [float(s) for s, t in teacher["per_sigma"].items()
+             if t is not None and s in student["per_sigma"] and t > student["per_sigma"][s]]
+    return min(worse) if worse else None

@@ -41,7 +41,7 @@ class RecoverStage(StageConfig):
 
 @stage(RecoverStage, distributed=True)
 def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
-    from dreamlite.compress.distill.heldout import held_out_losses
+    from dreamlite.compress.distill.heldout import held_out_losses, teacher_held_out_losses, teacher_worse_from
     from dreamlite.compress.distill.features import PROJECTIONS
     from dreamlite.compress.distill.recover import recover, saved_projector
     from dreamlite.data import data_source
@@ -68,6 +68,10 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
             held_out |= {"edit_loss_at_sigma_1": after["edit"]["per_sigma"]["1.0"],
                          "copy_source_loss": after["copy_source"]["mean"]}
         held_out["held_out"] = {"before": before, "after": after}
+        if teacher is not None and "t2i" in after:  # where is the teacher's velocity a better target than the data?
+            theirs = teacher_held_out_losses(teacher, data, student=student)
+            held_out["held_out"]["teacher"] = theirs
+            held_out["teacher_worse_from_sigma"] = teacher_worse_from(theirs["t2i"], after["t2i"])
         student.prediction = "flow"
         student.meta.pop("schedule", None)
         if cfg.save_dtype == "fp16":

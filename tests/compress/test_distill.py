@@ -332,6 +332,29 @@ def test_held_out_losses_are_fixed_per_model_and_measure_the_source():
     assert first["source_gain"]["mean"] != 0  # a random in-context U-Net already reads its context half
 
 
+def test_teacher_held_out_losses_share_the_students_samples_and_leave_out_what_the_schedule_misses():
+    from dreamlite.compress.distill.heldout import held_out_losses, teacher_held_out_losses
+
+    student = tiny_bundle("shapes-mobile")
+    # a flow teacher is seen as it is: its row is held_out_losses' own text-to-image row (same scenes, same noise)
+    assert teacher_held_out_losses(student, ShapesData(), n=4, sigmas=(0.8, 0.2))["t2i"] == \
+        held_out_losses(student, ShapesData(), n=4, sigmas=(0.8, 0.2))["t2i"]
+    server = tiny_bundle("shapes-server")  # epsilon on SDXL's schedule: it reaches sigma 0.936, not 1
+    row = teacher_held_out_losses(server, ShapesData(), n=4, sigmas=(1.0, 0.5, 0.1), student=student)["t2i"]
+    assert row["per_sigma"]["1.0"] is None and row["per_sigma"]["0.5"] > 0 and row["per_sigma"]["0.1"] > 0
+    assert row["mean"] == pytest.approx((row["per_sigma"]["0.5"] + row["per_sigma"]["0.1"]) / 2, abs=1e-5)
+
+
+def test_teacher_worse_from_is_the_lowest_sigma_where_the_teacher_loses():
+    from dreamlite.compress.distill.heldout import teacher_worse_from
+
+    student = {"per_sigma": {"1.0": 0.2, "0.9": 0.08, "0.7": 0.05, "0.5": 0.05, "0.1": 0.24}}
+    teacher = {"per_sigma": {"1.0": None, "0.9": 0.4, "0.7": 0.06, "0.5": 0.03, "0.1": 0.12}}
+    assert teacher_worse_from(teacher, student) == 0.7
+    better = {"per_sigma": {"1.0": None, "0.9": 0.01, "0.7": 0.01, "0.5": 0.01, "0.1": 0.01}}
+    assert teacher_worse_from(better, student) is None
+
+
 class _CopySource(torch.nn.Module):
     """A "U-Net" that predicts the source as the clean image: velocity ``x_s - source`` at sigma 1."""
 
