@@ -87,12 +87,11 @@ def teacher_held_out_losses(teacher, data: DataSource, n: int = 32, sigmas=SIGMA
     per_sigma = {}
     for sigma in sigmas:
         s = torch.full((n,), sigma)
-        x = flow_noise(x0, noise, s)
-        parts = [view(x[k:k + batch], s[k:k + batch], text[k:k + batch]) for k in range(0, n, batch)]
-        if not all(bool(valid.all()) for _, valid in parts):
+        if view.convert is not None and not bool(view.convert.in_range(s).all()):
             per_sigma[str(sigma)] = None
             continue
-        v = torch.cat([v for v, _ in parts])
+        x = flow_noise(x0, noise, s)
+        v = torch.cat([view(x[k:k + batch], s[k:k + batch], text[k:k + batch])[0] for k in range(0, n, batch)])
         per_sigma[str(sigma)] = round((v - flow_velocity(x0, noise)).pow(2).mean().item(), 5)
     teacher.unet.train(was_training)
     reached = [x for x in per_sigma.values() if x is not None]
