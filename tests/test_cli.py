@@ -1,11 +1,15 @@
+import json
+
 import pytest
 from click.testing import CliRunner
 
 from dreamlite.cli import main
 
+from conftest import tiny_bundle
+
 COMMANDS = [[], ["run"], ["world"], ["world", "gen-bench"], ["world", "edit-bench"], ["world", "preview"], ["judge"],
             ["judge", "gen"], ["judge", "edit"], ["info"], ["sample"], ["edit"], ["bench"], ["bench", "gen"],
-            ["bench", "edit"]]
+            ["bench", "edit"], ["held-out"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "dreamlite")
@@ -80,3 +84,23 @@ def test_commands_start_without_torchao_warnings_when_the_inc_extra_is_installed
                          capture_output=True, text=True, check=True)
     assert '"parameters": 1759472' in run.stdout
     assert "torchao" not in run.stderr and "register_constant" not in run.stderr, run.stderr
+
+
+def test_held_out_measures_models_and_the_teacher_on_the_same_samples(tmp_path, tiny_folders):
+    mobile, server = str(tiny_folders["shapes-mobile"]), str(tiny_folders["shapes-server"])
+    out = tmp_path / "held.json"
+    r = CliRunner().invoke(main, ["held-out", mobile, server, "--teacher", server, "--n", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    rows = report["models"]
+    assert set(rows["shapes-mobile"]) >= {"t2i", "edit", "source_gain"} and set(rows["shapes-server"]) == {"t2i"}
+    assert rows["shapes-server"] == report["teacher"]  # an epsilon model is seen as a flow velocity, as a teacher is
+    assert report["teacher"]["t2i"]["per_sigma"]["1.0"] is None  # beyond the server's schedule
+    assert report["teacher_worse_from_sigma"]["shapes-server"] is None  # never worse than itself
+    assert "source gain" in r.output and "worse target than the data" in r.output
+
+
+def test_held_out_needs_a_text_encoder_and_a_codec(tmp_path):
+    tiny_bundle("shapes-mobile").unet.save_pretrained(tmp_path / "bare")  # a U-Net folder alone
+    r = CliRunner().invoke(main, ["held-out", str(tmp_path / "bare"), "--n", "2"])
+    assert r.exit_code == 1 and "need a text encoder and a codec" in r.output and "Traceback" not in r.output

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dreamlite.data import DataSource, images_to_tensor
+from dreamlite.io import DreamliteError
 
 from .flow import flow_noise, flow_velocity
 from .recover import FlowView, flow_call
@@ -105,3 +106,22 @@ def teacher_worse_from(teacher: dict, student: dict) -> float | None:
     worse = [float(s) for s, t in teacher["per_sigma"].items()
              if t is not None and s in student["per_sigma"] and t > student["per_sigma"][s]]
     return min(worse) if worse else None
+
+
+def held_out_report(models: dict, data: DataSource, teacher=None, n: int = 32, tasks=("t2i", "edit")) -> dict:
+    """Several models on the same held-out samples and noise: {"models": {name: rows}}. A flow model gets
+    ``held_out_losses``' rows, an epsilon or v model its text-to-image row seen as a flow velocity. With a
+    ``teacher`` Bundle, also "teacher" (its row) and "teacher_worse_from_sigma" ({name: sigma or None})."""
+    for name, b in {**models, **({"teacher": teacher} if teacher is not None else {})}.items():
+        if b.text is None or b.codec is None:
+            raise DreamliteError(f"{b.name}: held-out losses need a text encoder and a codec beside the U-Net")
+        if b.prediction != "flow" and "t2i" not in tasks:
+            raise DreamliteError(f"{b.name}: an {b.prediction} model is measured on text-to-image samples; the data "
+                                 "has none")
+    out = {"models": {name: held_out_losses(b, data, n, tasks=tasks) if b.prediction == "flow"
+                      else teacher_held_out_losses(b, data, n) for name, b in models.items()}}
+    if teacher is not None and "t2i" in tasks:
+        out["teacher"] = teacher_held_out_losses(teacher, data, n)
+        out["teacher_worse_from_sigma"] = {name: teacher_worse_from(out["teacher"]["t2i"], rows["t2i"])
+                                           for name, rows in out["models"].items()}
+    return out
