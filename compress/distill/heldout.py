@@ -112,7 +112,11 @@ def held_out_report(models: dict, data: DataSource, teacher=None, n: int = 32, t
     """Several models on the same held-out samples and noise: {"models": {name: rows}}. A flow model gets
     ``held_out_losses``' rows, an epsilon or v model its text-to-image row seen as a flow velocity. With a
     ``teacher`` Bundle, also "teacher" (its row) and "teacher_worse_from_sigma" ({name: sigma or None})."""
-    for name, b in {**models, **({"teacher": teacher} if teacher is not None else {})}.items():
+    every = [*models.values(), *([teacher] if teacher is not None else [])]
+    if len({b.image_size for b in every}) > 1:
+        raise DreamliteError("held-out losses compare models on the same samples; these work at "
+                             + ", ".join(f"{b.name} {b.image_size} px" for b in every))
+    for b in every:
         if b.text is None or b.codec is None:
             raise DreamliteError(f"{b.name}: held-out losses need a text encoder and a codec beside the U-Net")
         if b.prediction != "flow" and "t2i" not in tasks:

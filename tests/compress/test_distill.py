@@ -345,6 +345,16 @@ def test_teacher_held_out_losses_share_the_students_samples_and_leave_out_what_t
     assert row["mean"] == pytest.approx((row["per_sigma"]["0.5"] + row["per_sigma"]["0.1"]) / 2, abs=1e-5)
 
 
+def test_held_out_report_refuses_models_it_cannot_measure_on_the_same_samples():
+    from dreamlite.compress.distill.heldout import held_out_report
+
+    student = tiny_bundle("shapes-mobile")
+    with pytest.raises(DreamliteError, match="these work at .* 64 px, .* 32 px"):
+        held_out_report({"a": student, "b": dataclasses.replace(student, image_size=32)}, ShapesData(), n=2)
+    with pytest.raises(DreamliteError, match="an epsilon model is measured on text-to-image samples"):
+        held_out_report({"server": tiny_bundle("shapes-server")}, ShapesData(), n=2, tasks=("edit",))
+
+
 def test_teacher_worse_from_is_the_lowest_sigma_where_the_teacher_loses():
     from dreamlite.compress.distill.heldout import teacher_worse_from
 
