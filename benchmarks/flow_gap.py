@@ -17,7 +17,8 @@ import argparse
 import numpy as np
 import torch
 
-from dreamlite.compress.distill import FlowView, flow_noise, flow_velocity
+from dreamlite.compress.distill import FlowView, flow_noise
+from dreamlite.compress.distill.heldout import teacher_held_out_losses
 from dreamlite.data import ShapesData, images_to_tensor
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.sampler import guide, make_scheduler
@@ -26,8 +27,7 @@ from dreamlite.models.text import TextStates
 SIGMAS = (0.93, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
-def view_of(spec: str) -> FlowView:
-    b = load_bundle(spec)
+def view_of(b) -> FlowView:
     b.unet.float().eval()
     return FlowView(b.unet, b.prediction, b.schedule, b.in_context, b.image_size)
 
@@ -48,22 +48,23 @@ def main():
     ap.add_argument("--flow-shift", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=9_000_017)
     a = ap.parse_args()
-    teacher_bundle = load_bundle(a.teacher)
-    teacher = view_of(a.teacher)
-    students = {m: view_of(m) for m in a.model}
-    rng, gen = np.random.default_rng([a.seed, 0]), torch.Generator().manual_seed(a.seed)
-    images, captions = ShapesData(teacher_bundle.image_size).t2i(rng, a.n)
-    x0 = teacher_bundle.codec.encode(images_to_tensor(images))
-    noise = torch.randn(x0.shape, generator=gen)
-    text, empty = teacher_bundle.text.encode(captions), teacher_bundle.text.encode([""] * a.n)
+    bundles = {"teacher": load_bundle(a.teacher), **{m: load_bundle(m) for m in a.model}}
+    data = ShapesData(bundles["teacher"].image_size)
 
+    # 1. the held-out rows of every model (a flow student is seen as it is, the teacher converted at equal SNR)
+    rows = {m: teacher_held_out_losses(b, data, a.n, SIGMAS, a.seed)["t2i"]["per_sigma"] for m, b in bundles.items()}
     print("held-out velocity loss per sigma (teacher converted at equal SNR)")
-    print(f"{'sigma':>6} {'teacher':>9} " + " ".join(f"{m[-40:]:>12}" for m in students))
-    target = flow_velocity(x0, noise)
-    for s in SIGMAS:
-        x = flow_noise(x0, noise, torch.full((a.n,), s))
-        row = [(velocity(v, x, s, text) - target).pow(2).mean().item() for v in (teacher, *students.values())]
-        print(f"{s:6.2f} " + " ".join(f"{r:9.4f}" if i == 0 else f"{r:12.4f}" for i, r in enumerate(row)))
+    print(f"{'sigma':>6} {'teacher':>9} " + " ".join(f"{m[-40:]:>12}" for m in a.model))
+    for s in map(str, SIGMAS):
+        print(f"{float(s):6.2f} {rows['teacher'][s]:9.4f} " + " ".join(f"{rows[m][s]:12.4f}" for m in a.model))
+
+    # 2. the same samples and noise (held_out_losses' draws), followed along each student's guided trajectory
+    teacher_bundle = bundles["teacher"]
+    teacher, students = view_of(teacher_bundle), {m: view_of(bundles[m]) for m in a.model}
+    images, captions = data.t2i(np.random.default_rng([a.seed, 0]), a.n)
+    x0 = teacher_bundle.codec.encode(images_to_tensor(images))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed))
+    text, empty = teacher_bundle.text.encode(captions), teacher_bundle.text.encode([""] * a.n)
 
     grid = make_scheduler("flow", a.steps, flow_shift=a.flow_shift).sigmas.tolist()
     reach = teacher.convert.sigma_max if teacher.convert is not None else 1.0
