@@ -206,13 +206,17 @@ def _print_edit(summary: dict) -> None:
 MODEL_HELP = "A preset (sdxl, sd15, dreamlite-0.39b, shapes-server, shapes-mobile), a model folder, or PRESET:FILE.safetensors."
 
 
+SCHEDULERS = ("ddim", "euler", "ddpm", "dpm-sde")  # dreamlite.models.sampler.Scheduler (kept light: no diffusers)
+
+
 def _sampler_options(fn):
     options = [
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="bf16 autocast for the U-Net (default: the model's)."),
         click.option("--batch", type=click.IntRange(1), default=16, show_default=True, help="Images per U-Net batch."),
-        click.option("--scheduler", type=click.Choice(["ddim", "euler"]), default="ddim", show_default=True,
-                     help="For epsilon-prediction models (flow models always use flow-matching Euler)."),
+        click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
+                     help="Epsilon and v models: ddim, euler, or the stochastic ddpm and dpm-sde (default: the "
+                          "model's). Flow models always use flow-matching Euler."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--cfg", type=click.FloatRange(0), default=None, help="Text guidance (default: the model's)."),
         click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps (default: the model's)."),

@@ -6,16 +6,19 @@ a torch U-Net (``UNetDenoiser``) or an ONNX Runtime session (``OrtDenoiser``). I
 cropped to the target half. Guidance (DreamLite): generation ``u + g (c - u)`` (2 branches); editing
 ``u + g_t (text - image) + g_i (image - u)`` with u = (empty prompt, zero latent), image = (empty prompt, source),
 text = (prompt, source). All branches go through the denoiser as one batch. Schedules are diffusers' schedulers:
-DDIM (or Euler) for epsilon prediction, flow-matching Euler for flow models.
+DDIM, Euler, DDPM or DPM-Solver++ (2M SDE) for epsilon and v prediction, flow-matching Euler for flow models. The
+stochastic samplers draw each image's noise from its own generator (seeded like its initial noise), so an image does
+not depend on the batch it is sampled in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 
 from dreamlite.io import DreamliteError
 
@@ -26,6 +29,8 @@ from .teacher import SCHEDULES
 from .text import TextStates
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, TextStates], torch.Tensor]
+# Samplers for epsilon and v models; "ddpm" (ancestral) and "dpm-sde" (DPM-Solver++ 2M SDE) are stochastic.
+Scheduler = Literal["ddim", "euler", "ddpm", "dpm-sde"]
 
 
 @dataclass
@@ -34,10 +39,10 @@ class SamplerSettings:
     cfg: float = 5.0  # text guidance (generation and editing)
     image_cfg: float = 1.5  # image guidance (editing)
     seed: int = 0
-    scheduler: Literal["ddim", "euler"] = "ddim"  # for epsilon models; flow models always use flow-matching Euler
+    scheduler: Scheduler = "ddim"  # for epsilon and v models; flow models always use flow-matching Euler
     batch: int = 16  # images per denoiser batch (before guidance branches)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for torch denoisers
-    clip: bool | None = None  # DDIM: clip predicted clean latents to [-1, 1]; None = when the codec is bounded
+    clip: bool | None = None  # clip predicted clean latents to [-1, 1] (not Euler); None = when the codec is bounded
     flow_shift: float = 1.0  # flow models: sigma shift s' = k s / (1 + (k - 1) s); k > 1 puts more steps at high noise
 
     def check(self) -> "SamplerSettings":
@@ -47,6 +52,8 @@ class SamplerSettings:
             raise DreamliteError("cfg: guidance scales must be >= 0")
         if self.flow_shift <= 0:
             raise DreamliteError(f"flow_shift: must be > 0 (got {self.flow_shift})")
+        if self.scheduler not in get_args(Scheduler):
+            raise DreamliteError(f"scheduler: {self.scheduler!r} is not one of {', '.join(get_args(Scheduler))}")
         return self
 
     def override(self, **values) -> "SamplerSettings":
@@ -108,34 +115,55 @@ class OrtDenoiser:
         return torch.cat([torch.from_numpy(self.session.run(None, feed)[0])[:n] for feed, n in self.feeds(x, t, text)])
 
 
-def make_scheduler(prediction: str, steps: int, kind: str = "ddim", clip: bool = False, schedule: str = "sdxl",
+def _scheduler_options(kind: str, clip: bool) -> dict:
+    """diffusers config entries of one sampler kind: its clean-latent clipping, and DDIM's last step."""
+    if kind == "ddim":
+        # The last step lands on the clean estimate (alpha_bar = 1), not on t = 0's noise level: SDXL's pipelines
+        # stop at alpha_bar[0] (noise std 0.029), invisible after a VAE but grain on a pixel codec.
+        return {"set_alpha_to_one": True, "clip_sample": clip, "clip_sample_range": 1.0}
+    if kind == "ddpm":
+        return {"clip_sample": clip, "clip_sample_range": 1.0}
+    if kind == "dpm-sde":  # dynamic thresholding at ratio 1 and maximum 1 is clipping to [-1, 1]
+        return {"algorithm_type": "sde-dpmsolver++", "thresholding": clip, "dynamic_thresholding_ratio": 1.0,
+                "sample_max_value": 1.0}
+    return {}
+
+
+SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler,
+                     "dpm-sde": DPMSolverMultistepScheduler}
+
+
+def make_scheduler(prediction: str, steps: int, kind: Scheduler = "ddim", clip: bool = False, schedule: str = "sdxl",
                    flow_shift: float = 1.0):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
     (the DreamLite mobile pipeline), shifted by ``flow_shift`` as diffusers shifts them (1: unchanged), for flow
-    models; DDIM or Euler on the model's training schedule (``sdxl`` or ``linear``; trailing spacing, so the first
-    step starts from pure noise) for epsilon and v models. ``clip``: DDIM clips its clean-latent estimate to [-1, 1],
-    as pixel-space DDPM does (right only for codecs whose latents are bounded, like pixel-unshuffle)."""
+    models; ``kind`` (DDIM, Euler, DDPM, DPM-Solver++ 2M SDE) on the model's training schedule (``sdxl`` or
+    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: the
+    clean-latent estimate is clipped to [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are
+    bounded, like pixel-unshuffle; Euler has no clipping)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
         return s
-    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[kind]
-    extra = {"clip_sample": True, "clip_sample_range": 1.0} if clip and kind == "ddim" else {}
-    if kind == "ddim":
-        # The last step lands on the clean estimate (alpha_bar = 1), not on t = 0's noise level: SDXL's pipelines
-        # stop at alpha_bar[0] (noise std 0.029), invisible after a VAE but grain on a pixel codec.
-        extra["set_alpha_to_one"] = True
+    extra = _scheduler_options(kind, clip)
     if prediction == "v":
         extra["prediction_type"] = "v_prediction"
-    s = cls.from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
+    s = SCHEDULER_CLASSES[kind].from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
     s.set_timesteps(steps)
     return s
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, first_index: int = 0) -> torch.Tensor:
-    """(B, C, h, w) noise where image i depends only on ``seed + first_index + i`` (not on the batch it is in)."""
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + first_index + i))
-                        for i in range(shape[0])])
+def noise_generators(n: int, seed: int, first_index: int = 0) -> list[torch.Generator]:
+    """One generator per image: image i's initial noise and every later draw come from ``seed + first_index + i``."""
+    return [torch.Generator().manual_seed(seed + first_index + i) for i in range(n)]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, first_index: int = 0,
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, C, h, w) noise where image i depends only on ``seed + first_index + i`` (not on the batch it is in);
+    ``generators``: ``noise_generators(B, seed, first_index)`` to keep drawing from after this."""
+    generators = generators or noise_generators(shape[0], seed, first_index)
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
 
 
 def guide(outputs: list[torch.Tensor], cfg: float, image_cfg: float) -> torch.Tensor:
@@ -151,10 +179,12 @@ def guide(outputs: list[torch.Tensor], cfg: float, image_cfg: float) -> torch.Te
 
 @torch.no_grad()
 def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: list[tuple[TextStates, object]],
-            s: SamplerSettings, schedule: str = "sdxl") -> torch.Tensor:
+            s: SamplerSettings, schedule: str = "sdxl",
+            generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w); ``branches`` are (text, context) pairs with context a
     (B, C, h, w) latent placed beside the target, or None for a model without in-context width. ``schedule``: the
-    training schedule of an epsilon model."""
+    training schedule of an epsilon model. ``generators``: one per image, for the noise of stochastic samplers
+    (without them they draw from torch's global generator)."""
     sched = make_scheduler(prediction, s.steps, s.scheduler, bool(s.clip), schedule, s.flow_shift)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     width = noise.shape[-1]
@@ -167,7 +197,8 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
         parts = [xin if ctx is None else torch.cat([xin, ctx], dim=-1) for _, ctx in branches]
         xs = torch.cat(parts)
         out = denoiser(xs, t.expand(xs.shape[0]).to(torch.float32), text)[..., :width]
-        x = sched.step(guide(list(out.chunk(len(branches))), s.cfg, s.image_cfg), t, x, **extra).prev_sample
+        x = sched.step(guide(list(out.chunk(len(branches))), s.cfg, s.image_cfg), t, x, generator=generators,
+                       **extra).prev_sample
     return x
 
 
@@ -211,8 +242,9 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
     out = []
     for k in range(0, len(prompts), s.batch):
         chunk = prompts[k:k + s.batch]
-        noise = initial_noise(tuple(_latent_like(b, len(chunk), size).shape), s.seed, first_index + k)
-        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, None, s), s, b.schedule)
+        gens = noise_generators(len(chunk), s.seed, first_index + k)
+        noise = initial_noise(tuple(_latent_like(b, len(chunk), size).shape), s.seed, generators=gens)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, None, s), s, b.schedule, gens)
         out.append(to_uint8(b.codec.decode(latents)))
     return np.concatenate(out)
 
@@ -234,7 +266,8 @@ def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings 
         chunk = prompts[k:k + s.batch]
         src = torch.from_numpy(np.array(sources[k:k + s.batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
         src_latent = b.codec.encode(src)
-        noise = initial_noise(tuple(src_latent.shape), s.seed, first_index + k)
-        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s, b.schedule)
+        gens = noise_generators(len(chunk), s.seed, first_index + k)
+        noise = initial_noise(tuple(src_latent.shape), s.seed, generators=gens)
+        latents = denoise(denoiser, b.prediction, noise, _branches(b, chunk, src_latent, s), s, b.schedule, gens)
         out.append(to_uint8(b.codec.decode(latents)))
     return np.concatenate(out)

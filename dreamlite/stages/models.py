@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dreamlite.evaluation.shapes.world import GEN_TAGS
 from dreamlite.io import DreamliteError, write_json
+from dreamlite.models.sampler import Scheduler
 from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
 
@@ -26,7 +27,7 @@ class SamplerDefaults(BaseModel):
     steps: int = Field(50, ge=1)
     cfg: float = Field(5.0, ge=0)
     image_cfg: float = Field(1.5, ge=0, description="image guidance of editing (in-context models)")
-    scheduler: Literal["ddim", "euler"] = "ddim"
+    scheduler: Scheduler = "ddim"
     flow_shift: float = Field(1.0, gt=0, description="flow models: shift of the sampling sigmas (1: unshifted)")
 
 
@@ -154,7 +155,7 @@ class BenchStage(ModelInput):
     cfg: float | None = Field(None, ge=0)
     image_cfg: float | None = Field(None, ge=0)
     flow_shift: float | None = Field(None, gt=0)
-    scheduler: Literal["ddim", "euler"] = "ddim"
+    scheduler: Scheduler | None = Field(None, description="epsilon and v models (default: the model's)")
     precision: Literal["fp32", "bf16"] | None = None
     batch: int = Field(16, ge=1)
 

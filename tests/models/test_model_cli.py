@@ -64,6 +64,31 @@ def test_sample_then_edit(tiny_folders, tmp_path):
     assert np.asarray(Image.open(tmp_path / "y.png")).shape == (64, 64, 3)
 
 
+def test_sampling_takes_the_models_own_scheduler_unless_told(tiny_folders, tmp_path):
+    """A model's dreamlite.json may name a stochastic sampler as its default; --scheduler overrides it, and every
+    sampler the library knows is offered."""
+    import shutil
+    from typing import get_args
+
+    from dreamlite.cli import SCHEDULERS
+    from dreamlite.models.sampler import Scheduler
+    assert SCHEDULERS == get_args(Scheduler)
+    model = tmp_path / "ddpm-default"
+    shutil.copytree(tiny_folders["shapes-server"], model)
+    meta = json.loads((model / "dreamlite.json").read_text())
+    (model / "dreamlite.json").write_text(json.dumps({**meta, "sampler": {"scheduler": "ddpm"}}))
+    images = {}
+    for name, extra in [("own", []), ("ddpm", ["--scheduler", "ddpm"]), ("ddim", ["--scheduler", "ddim"])]:
+        r = invoke("sample", "--model", model, "--prompt", "a red circle", "--steps", 3, *extra,
+                   "--out", tmp_path / f"{name}.png")
+        assert r.exit_code == 0, r.output
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(images["own"], images["ddpm"]) and not np.array_equal(images["own"], images["ddim"])
+    (model / "dreamlite.json").write_text(json.dumps({**meta, "sampler": {"scheduler": "heun"}}))
+    r = invoke("sample", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "x.png")
+    assert r.exit_code == 1 and "scheduler: 'heun' is not one of ddim, euler, ddpm, dpm-sde" in r.output, r.output
+
+
 def test_edit_refuses_or_resizes_a_wrong_size_image(tiny_folders, tmp_path):
     Image.new("RGB", (100, 80)).save(tmp_path / "big.png")
     args = ["edit", "--model", tiny_folders["shapes-mobile"], "--image", tmp_path / "big.png", "--prompt",

@@ -50,6 +50,33 @@ def test_flow_shift_moves_the_sampling_sigmas_towards_noise(tiny_mobile):
         SamplerSettings(flow_shift=0).check()
 
 
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpm-sde"])
+def test_stochastic_samplers_are_seeded_per_image(scheduler, tiny_server):
+    """The noise a stochastic sampler adds comes from each image's own generator: the same seed gives the same
+    images, and an image does not depend on the batch it is sampled in."""
+    s = SamplerSettings(steps=4, cfg=3.0, seed=5, scheduler=scheduler)
+    both = generate(tiny_server, PROMPTS, s)
+    assert np.array_equal(both, generate(tiny_server, PROMPTS, s))
+    one_by_one = generate(tiny_server, PROMPTS, SamplerSettings(steps=4, cfg=3.0, seed=5, scheduler=scheduler, batch=1))
+    assert np.abs(both.astype(int) - one_by_one).max() <= 1  # the batch changes only float rounding
+    assert not np.array_equal(both, generate(tiny_server, PROMPTS, SamplerSettings(steps=4, cfg=3.0, seed=5)))  # DDIM
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm-sde"])
+def test_clipping_bounds_the_clean_estimate_of_every_clipping_sampler(kind):
+    """A denoiser whose clean estimate is far outside [-1, 1] ends inside it when the sampler clips, not otherwise."""
+    from dreamlite.models.text import TextStates
+
+    text = TextStates(torch.zeros(1, 2, 4), torch.zeros(1, 4))
+    noise = initial_noise((1, 48, 16, 16), 0)
+    gens = lambda: [torch.Generator().manual_seed(1)]  # noqa: E731
+
+    def run(clip):
+        s = SamplerSettings(steps=10, cfg=1, scheduler=kind, clip=clip)  # the last step lands on t = 0
+        return denoise(lambda x, t, c: -3 * torch.ones_like(x), "epsilon", noise, [(text, None)], s, generators=gens())
+    assert run(True).abs().max() <= 1 + 1e-4 and run(False).abs().max() > 2
+
+
 class Recorder:
     def __init__(self, inner):
         self.inner, self.widths, self.batches = inner, set(), []
