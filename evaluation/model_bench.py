@@ -22,6 +22,13 @@ def _batches(items: list, size: int):
         yield k, items[k:k + size]
 
 
+def _sampler_summary(bundle, settings, seed: int) -> dict:
+    """How a bench sampled: the scheduler (flow models always use flow-matching Euler), steps, guidance, seed."""
+    scheduler = "flow-euler" if bundle.prediction == "flow" else settings.scheduler
+    return {"scheduler": scheduler, "steps": settings.steps, "cfg": settings.cfg, "flow_shift": settings.flow_shift,
+            "seed": seed}
+
+
 def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, seed: int,
               track=identity_track) -> dict:
     """Sample ``n_per_tag`` prompts per GenEval tag, ``images_per_prompt`` each, into ``out``; judge; summary."""
@@ -40,8 +47,7 @@ def bench_gen(bundle, out, n_per_tag: int, images_per_prompt: int, settings, see
     results, summary = judge_gen(out, track)
     prompts = {f"{k:05d}": p.prompt for k, (p, _) in enumerate(gen_prompts(n_per_tag, seed))}
     gen_sheet(out, results, prompts).save(out / "grid.png")
-    summary |= {"steps": settings.steps, "cfg": settings.cfg, "flow_shift": settings.flow_shift, "seed": seed,
-                "images_per_s": round(len(jobs) / seconds, 2)}
+    summary |= _sampler_summary(bundle, settings, seed) | {"images_per_s": round(len(jobs) / seconds, 2)}
     write_jsonl(out / "results.jsonl", results)
     write_json(out / "summary.json", summary)
     return summary
@@ -64,9 +70,8 @@ def bench_edit(bundle, out, n_per_type: int, settings, seed: int, track=identity
     seconds = time.perf_counter() - start
     results, summary = judge_edit(out / "edits.jsonl", out / "edited", track)
     edit_sheet(out, results, {r["id"]: r for r in records}).save(out / "grid.png")
-    summary |= {"steps": settings.steps, "cfg": settings.cfg, "image_cfg": settings.image_cfg,
-                "flow_shift": settings.flow_shift, "seed": seed,
-                "images_per_s": round(len(records) / seconds, 2)}
+    summary |= _sampler_summary(bundle, settings, seed) | {"image_cfg": settings.image_cfg,
+                                                           "images_per_s": round(len(records) / seconds, 2)}
     write_jsonl(out / "results.jsonl", results)
     write_json(out / "summary.json", summary)
     return summary

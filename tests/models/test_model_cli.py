@@ -126,8 +126,10 @@ def test_bench_gen_and_edit_write_benchmark_folders_and_scores(tiny_folders, tmp
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "g.json").read_text())
     assert summary["images"] == 12 and set(summary["per_tag"]) >= {"counting", "position"}
+    assert summary["scheduler"] == "ddim" and summary["steps"] == 2  # how it sampled, for comparing benches
     assert len(list((tmp_path / "g").glob("*/samples/0001.png"))) == 6
     r = invoke("bench", "edit", "--model", tiny_folders["shapes-mobile"], "--out", tmp_path / "e", "--n-per-type", 1,
                "--steps", 2)
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "e" / "edited").glob("*.png"))) == 9 and "compose" in r.output
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["scheduler"] == "flow-euler"
