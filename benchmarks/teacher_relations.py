@@ -4,7 +4,7 @@ noise, once as written and once with the relation flipped ("left of" <-> "right 
 A model that reads the relation gets both right; a model whose layout comes from the noise gets exactly one right
 whenever it draws both objects (the layout fits one of the two relations or neither), and almost never both.
 
-    python benchmarks/teacher_relations.py [--model zoo:shapes-server ...] [--n 40 --seed 5]
+    python benchmarks/teacher_relations.py [--model zoo:shapes-server ...] [--n 40 --seed 5 --scheduler ddim]
 """
 import argparse
 from dataclasses import replace
@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--model", nargs="+", default=["zoo:shapes-server"])
     ap.add_argument("--n", type=int, default=40, help="position prompts")
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--scheduler", default=None, help="epsilon and v models: ddim, euler, ddpm, dpm-sde "
+                                                     "(default: each model's)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     prompts = [sample_gen_prompt(rng, "position") for _ in range(args.n)]
@@ -43,7 +45,7 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     for spec in args.model:
         bundle = load_bundle(spec, sampling=True)
-        settings = default_settings(bundle)
+        settings = default_settings(bundle).override(scheduler=args.scheduler).check()
         a, b = judged(bundle, prompts, settings), judged(bundle, flipped, settings)
         print(f"| {spec} | {sum(x[0] for x in a)} | {sum(y[0] for y in b)} | {sum(x[1] and y[1] for x, y in zip(a, b))} "
               f"| {sum(x[0] and y[0] for x, y in zip(a, b))} | {sum(x[0] != y[0] for x, y in zip(a, b))} |")
