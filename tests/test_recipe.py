@@ -264,7 +264,7 @@ def test_export_quantize_then_bench_the_artifact(tmp_path, tiny_folders):
 def _recover_stage(student, teacher, steps=1, batch=2, **extra):
     phase = lambda task: {"task": task, "train": {"steps": steps, "batch": batch, "warmup": 1, "log_every": 1,
                                                   "checkpoint_every": 1}}
-    return {"kind": "recover", "name": "recover", **student, **teacher,
+    return {"kind": "recover", "name": "recover", **student, **teacher, "held_out": 4,
             "phases": [phase("t2i"), phase("edit"), phase("joint")], **extra}
 
 
@@ -276,11 +276,12 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
         _recover_stage({"input": "prune"}, {"teacher": server}, sampler={"steps": 2, "cfg": 2.0}),
         {"kind": "bench", "name": "edit", "bench": "edit", "input": "recover", "n": 1},
         {"kind": "bench", "name": "gen", "bench": "gen", "input": "recover", "n": 1, "images_per_prompt": 1},
-        _recover_stage({"input": "recover"}, {"teacher": server}) | {"name": "more"},
+        _recover_stage({"input": "recover"}, {"teacher": server}) | {"name": "more", "held_out": 0},
     ]}
     logs = []
     report = run_recipe(write(tmp_path, data), tmp_path / "run", log=logs.append)
-    _, recover, edit, gen, _ = (s["metrics"] for s in report["stages"])
+    _, recover, edit, gen, more = (s["metrics"] for s in report["stages"])
+    assert "held_out" not in more and "held_out_t2i_loss" not in more and more["steps"] == 3  # held_out: 0
     assert list(recover["phases"]) == ["1-t2i", "2-edit", "3-joint"] and recover["steps"] == 3
     before, after = recover["held_out"]["before"], recover["held_out"]["after"]
     assert after["t2i"]["mean"] == recover["held_out_t2i_loss"] and set(after) == set(before) >= {"edit", "source_gain"}

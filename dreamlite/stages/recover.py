@@ -24,6 +24,8 @@ class RecoverStage(StageConfig):
     shift: float = Field(1.0, gt=0, description="sigma shift s' = shift s / (1 + (shift - 1) s)")
     edit_shift: float | None = Field(None, gt=0, description="editing samples' sigma shift (default: shift); the "
                                      "source only helps where the noisy target hides the layout, at high noise")
+    held_out: int = Field(32, ge=0, description="held-out scenes (and edits) whose flow losses the stage reports "
+                                              "before and after training, and the teacher's (0: none)")
     save_dtype: Literal["fp32", "fp16"] = "fp32"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
@@ -54,14 +56,15 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
     teacher = load_bundle(spec) if spec else None
     data = data_source(cfg.data, student.image_size)
     tasks = {t for p in cfg.phases for t in (("t2i", "edit") if p.task == "joint" else (p.task,))}  # what data has
-    before = held_out_losses(student, data, tasks=tasks) if ctx.main else None
+    measure = ctx.main and cfg.held_out > 0
+    before = held_out_losses(student, data, cfg.held_out, tasks=tasks) if measure else None
     torch.manual_seed(ctx.seed)  # the feature projections' initialisation
     projector = saved_projector(student, teacher, cfg.phases, ctx.log if ctx.main else (lambda m: None))
     phases = recover(student, teacher, cfg.phases, ctx.dir / "train", data, ctx.seed, cfg.sigma_sampling, cfg.shift,
                      cfg.edit_shift, track=ctx.track, log=ctx.log, projector=projector)
     held_out = {}
-    if ctx.main:
-        after = held_out_losses(student, data, tasks=tasks)
+    if measure:
+        after = held_out_losses(student, data, cfg.held_out, tasks=tasks)
         names = {"t2i": "held_out_t2i_loss", "edit": "held_out_edit_loss", "source_gain": "source_gain"}
         held_out = {name: after[k]["mean"] for k, name in names.items() if k in after}
         if "copy_source" in after:  # does it beat copying its source? (the default grid starts at sigma 1)
@@ -69,9 +72,10 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
                          "copy_source_loss": after["copy_source"]["mean"]}
         held_out["held_out"] = {"before": before, "after": after}
         if teacher is not None and "t2i" in after:  # where is the teacher's velocity a better target than the data?
-            theirs = teacher_held_out_losses(teacher, data, student=student)
+            theirs = teacher_held_out_losses(teacher, data, cfg.held_out, student=student)
             held_out["held_out"]["teacher"] = theirs
             held_out["teacher_worse_from_sigma"] = teacher_worse_from(theirs["t2i"], after["t2i"])
+    if ctx.main:
         student.prediction = "flow"
         student.meta.pop("schedule", None)
         if cfg.save_dtype == "fp16":
