@@ -8,13 +8,14 @@ whenever it draws both objects (the layout fits one of the two relations or neit
 """
 import argparse
 from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 
 from dreamlite.evaluation.shapes import parse, sample_gen_prompt
 from dreamlite.evaluation.shapes.clauses import judge_parsed
 from dreamlite.models.bundle import load_bundle
-from dreamlite.models.sampler import default_settings, generate
+from dreamlite.models.sampler import Scheduler, default_settings, generate
 
 FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -34,8 +35,8 @@ def main():
     ap.add_argument("--model", nargs="+", default=["zoo:shapes-server"])
     ap.add_argument("--n", type=int, default=40, help="position prompts")
     ap.add_argument("--seed", type=int, default=5)
-    ap.add_argument("--scheduler", default=None, help="epsilon and v models: ddim, euler, ddpm, dpm-sde "
-                                                     "(default: each model's)")
+    ap.add_argument("--scheduler", default=None, choices=get_args(Scheduler),
+                    help="epsilon and v models (default: each model's)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     prompts = [sample_gen_prompt(rng, "position") for _ in range(args.n)]
