@@ -14,12 +14,11 @@ states it was trained on.
 """
 import argparse
 
-import numpy as np
 import torch
 
 from dreamlite.compress.distill import FlowView, flow_noise
-from dreamlite.compress.distill.heldout import teacher_held_out_losses
-from dreamlite.data import ShapesData, images_to_tensor
+from dreamlite.compress.distill.heldout import held_out_draws, held_out_t2i, teacher_held_out_losses
+from dreamlite.data import ShapesData
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.sampler import guide, make_scheduler
 from dreamlite.models.text import TextStates
@@ -61,10 +60,8 @@ def main():
     # 2. the same samples and noise (held_out_losses' draws), followed along each student's guided trajectory
     teacher_bundle = bundles["teacher"]
     teacher, students = view_of(teacher_bundle), {m: view_of(bundles[m]) for m in a.model}
-    images, captions = data.t2i(np.random.default_rng([a.seed, 0]), a.n)
-    x0 = teacher_bundle.codec.encode(images_to_tensor(images))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed))
-    text, empty = teacher_bundle.text.encode(captions), teacher_bundle.text.encode([""] * a.n)
+    x0, noise, text = held_out_t2i(teacher_bundle, data, a.n, *held_out_draws(a.seed))
+    empty = teacher_bundle.text.encode([""] * a.n)
 
     grid = make_scheduler("flow", a.steps, flow_shift=a.flow_shift).sigmas.tolist()
     reach = teacher.convert.sigma_max if teacher.convert is not None else 1.0

@@ -391,13 +391,12 @@ def held_out_cmd(models, teacher, data, n, json_path):
     """Flow-matching losses per noise level of MODELS on the same held-out samples and noise: they tell students
     apart where the judges sit at their floor (docs/recovery.md)."""
     from dreamlite.compress.distill.heldout import held_out_report
-    from dreamlite.data import FolderData, data_source
+    from dreamlite.data import data_source
     from dreamlite.evaluation.compare import labels_for
     from dreamlite.models.bundle import load_bundle
     bundles = {label: load_bundle(m) for label, m in zip(labels_for(list(models), []), models)}
     source = data_source(data, next(iter(bundles.values())).image_size)
-    tasks = [t for t, rows in source.records.items() if rows] if isinstance(source, FolderData) else ["t2i", "edit"]
-    report = held_out_report(bundles, source, load_bundle(teacher) if teacher else None, n, tasks)
+    report = held_out_report(bundles, source, load_bundle(teacher) if teacher else None, n, source.tasks)
     if json_path:
         write_json(json_path, report)
     tables = dict(report["models"]) | ({f"teacher {teacher}": report["teacher"]} if "teacher" in report else {})

@@ -69,8 +69,9 @@ class ShapesEdit(_Stream):
 # ------------------------------------------------------------------------------------------ training sources
 class DataSource(Protocol):
     """Where recovery training draws its samples: ``rng`` alone decides which, so a batch is a pure function of
-    (seed, step). Images are uint8 (H, W, 3) at ``size`` pixels."""
+    (seed, step). Images are uint8 (H, W, 3) at ``size`` pixels; ``tasks`` names what it has ("t2i", "edit")."""
     size: int
+    tasks: tuple[str, ...]
 
     def t2i(self, rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[str]]: ...
 
@@ -79,6 +80,7 @@ class DataSource(Protocol):
 
 class ShapesData:
     """The shapes world, rendered on the fly (every sample is new)."""
+    tasks = ("t2i", "edit")
 
     def __init__(self, size: int = 64):
         self.size = size
@@ -103,6 +105,7 @@ class FolderData:
         if not self.root.is_dir():
             raise DreamliteError(f"data: {root} is not a folder")
         self.records = {name: self._read(name) for name in ("t2i", "edit")}
+        self.tasks = tuple(name for name, rows in self.records.items() if rows)
 
     def _read(self, name: str) -> list[dict]:
         path = self.root / f"{name}.jsonl"

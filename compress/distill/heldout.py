@@ -24,6 +24,19 @@ SIGMAS = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1)
 HELD_OUT_SEED = 9_000_017  # far from any recipe's training seeds (training draws from (seed, step, phase))
 
 
+def held_out_draws(seed: int = HELD_OUT_SEED) -> tuple[np.random.Generator, torch.Generator]:
+    """The generators of a held-out set: which samples (numpy) and their noise (torch)."""
+    return np.random.default_rng([seed, 0]), torch.Generator().manual_seed(seed)
+
+
+def held_out_t2i(bundle, data: DataSource, n: int, rng: np.random.Generator, gen: torch.Generator):
+    """``n`` text-to-image samples through ``bundle``'s codec and text encoder: clean latents (B, C, h, w), their
+    noise, and the captions' text states. Drawn first from ``held_out_draws``, they are every model's same set."""
+    images, captions = data.t2i(rng, n)
+    x0 = bundle.codec.encode(images_to_tensor(images))
+    return x0, torch.randn(x0.shape, generator=gen), bundle.text.encode(captions)
+
+
 @torch.no_grad()
 def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: int = HELD_OUT_SEED,
                     batch: int = 16, tasks=("t2i", "edit")) -> dict:
@@ -32,9 +45,8 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
     over ``n`` text-to-image and ``n`` editing samples drawn from ``data`` with ``seed``. The student is
     ``bundle.unet``; the editing rows need in-context width and ``"edit"`` in ``tasks`` (data without edit triplets
     leaves it out), the text-to-image row ``"t2i"``. The U-Net is put back in its training mode after."""
-    rng = np.random.default_rng([seed, 0])
-    gen = torch.Generator().manual_seed(seed)
-    images, captions = data.t2i(rng, n) if "t2i" in tasks else ([], [])
+    rng, gen = held_out_draws(seed)
+    t2i = held_out_t2i(bundle, data, n, rng, gen) if "t2i" in tasks else None
     edits = bundle.in_context and "edit" in tasks
     sources, targets, prompts = data.edit(rng, n) if edits else ([], [], [])
     unet, was_training = bundle.unet, bundle.unet.training
@@ -51,10 +63,9 @@ def held_out_losses(bundle, data: DataSource, n: int = 32, sigmas=SIGMAS, seed: 
         return torch.cat(out).mean().item()
 
     rows = {}
-    if images:
-        x0 = bundle.codec.encode(images_to_tensor(images))
-        noise = torch.randn(x0.shape, generator=gen)
-        rows["t2i"] = [loss(x0, torch.zeros_like(x0), bundle.text.encode(captions), noise, s) for s in sigmas]
+    if t2i is not None:
+        x0, noise, text = t2i
+        rows["t2i"] = [loss(x0, torch.zeros_like(x0), text, noise, s) for s in sigmas]
     if edits:
         x0, src = bundle.codec.encode(images_to_tensor(targets)), bundle.codec.encode(images_to_tensor(sources))
         noise, text = torch.randn(x0.shape, generator=gen), bundle.text.encode(prompts)
@@ -77,11 +88,7 @@ def teacher_held_out_losses(teacher, data: DataSource, n: int = 32, sigmas=SIGMA
     samples and noise), its prediction seen as a flow velocity (``FlowView``). A sigma beyond the teacher's schedule
     is None and left out of the mean. ``student``: a Bundle whose text encoder and codec to use (distillation shares
     them), else the teacher's."""
-    companion = student or teacher
-    images, captions = data.t2i(np.random.default_rng([seed, 0]), n)  # held_out_losses draws these first
-    x0 = companion.codec.encode(images_to_tensor(images))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    text = companion.text.encode(captions)
+    x0, noise, text = held_out_t2i(student or teacher, data, n, *held_out_draws(seed))
     view = FlowView(teacher.unet, teacher.prediction, teacher.schedule, teacher.in_context, teacher.image_size)
     was_training = teacher.unet.training
     teacher.unet.eval()
