@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .io import DreamliteError, staged_dir, write_json, write_jsonl
+from .io import DreamliteError, DreamliteWarning, staged_dir, write_json, write_jsonl
 
 console = Console(stderr=True)
 
@@ -61,6 +61,25 @@ def quiet_torchao_import() -> None:
 def main():
     """dreamlite: derive a DreamLite-class mobile diffusion model from a server U-Net, and judge it."""
     quiet_torchao_import()
+    show_own_warnings()
+
+
+def show_own_warnings() -> None:
+    """Print the library's own warnings (``DreamliteWarning``) as one line on stderr, without Python's source line."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "dreamlite", False):  # main() runs once per command; tests invoke it many times
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DreamliteWarning):
+            console.print(f"Warning: {message}", highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.dreamlite = True
+    warnings.showwarning = show
 
 
 @main.command()

@@ -18,6 +18,10 @@ class DreamliteError(Exception):
     """A user mistake or bad input: the CLI prints the message on one line and exits non-zero."""
 
 
+class DreamliteWarning(UserWarning):
+    """A choice that works but costs the user something (speed, quality): the CLI prints it as one line."""
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block finishes."""

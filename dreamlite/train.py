@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from .fsdp import Sharded, destroy_process_group_at_exit, fsdp_requested, like, whole
 from .io import DreamliteError, atomic_path, identity_track
+from .precision import warn_if_bf16_slow
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
@@ -224,7 +225,10 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     check_launch()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if s.precision == "bf16" else "no")
+    # bf16 is our own autocast (``_backward``), not Accelerate's mixed_precision: that is fixed for the life of the
+    # process, so a second fit() in one run (the next phase or stage) with another precision would be refused
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    warn_if_bf16_slow(s.precision, acc.device.type, "train.precision")
     if acc.num_processes > 1:
         destroy_process_group_at_exit()
     parts = s.accumulate * acc.num_processes
@@ -264,7 +268,7 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, s)
             batch = split(next(stream), acc.process_index, acc.num_processes)
-            logs = _mean_over_processes(acc, _backward(model, batch, s.accumulate, acc, no_sync))
+            logs = _mean_over_processes(acc, _backward(model, batch, s.accumulate, acc, no_sync, s.precision))
             if not math.isfinite(logs["loss"]):  # every process sees the mean, so all stop together
                 raise DreamliteError(f"{description}: loss is {logs['loss']} at step {step}; stopped, the last good "
                                      f"checkpoint is {ckpt if ckpt.is_file() else 'none (no checkpoint yet)'}")
@@ -298,15 +302,15 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
             "samples_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1) if seen else None}
 
 
-def _backward(model, batch: dict, accumulate: int, acc, no_sync) -> dict[str, torch.Tensor]:
-    """Forward and backward over ``accumulate`` micro-batches of this process's ``batch``; returns the logs' means.
-    Gradients are synchronised once, on the last micro-batch."""
+def _backward(model, batch: dict, accumulate: int, acc, no_sync, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Forward (under bf16 autocast if asked) and backward over ``accumulate`` micro-batches of this process's
+    ``batch``; returns the logs' means. Gradients are synchronised once, on the last micro-batch."""
     logs: dict[str, torch.Tensor] = {}
     for m in range(accumulate):
         sync = contextlib.nullcontext() if m == accumulate - 1 else no_sync()
-        with sync, acc.autocast():
+        with sync, torch.autocast(acc.device.type, torch.bfloat16, enabled=precision == "bf16"):
             loss, parts_log = model(**split(batch, m, accumulate))
-        acc.backward(loss / accumulate)
+        acc.backward(loss.float() / accumulate)
         for k, v in {"loss": loss.detach(), **parts_log}.items():
             logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) / accumulate
     return logs

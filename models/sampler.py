@@ -21,6 +21,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchEulerDiscreteScheduler)
 
 from dreamlite.io import DreamliteError
+from dreamlite.precision import warn_if_bf16_slow
 
 from .bundle import Bundle
 from .codec import to_uint8
@@ -225,6 +226,8 @@ def _check(b: Bundle, s: SamplerSettings) -> SamplerSettings:
         raise DreamliteError(f"{b.name}: sampling needs a text encoder and a codec beside the U-Net "
                              "(a preset without them can only be inspected)")
     s.check()
+    if b.unet is not None:
+        warn_if_bf16_slow(s.precision, next(b.unet.parameters()).device.type, "precision")
     if s.flow_shift != 1 and b.prediction != "flow":
         raise DreamliteError(f"flow_shift: applies to flow-matching models; {b.name} predicts {b.prediction}")
     return replace(s, clip=getattr(b.codec, "bounded", False) if s.clip is None else s.clip)
