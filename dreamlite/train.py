@@ -225,9 +225,10 @@ def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folde
     check_launch()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # bf16 is our own autocast (``_backward``), not Accelerate's mixed_precision: that is fixed for the life of the
-    # process, so a second fit() in one run (the next phase or stage) with another precision would be refused
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # bf16 is our own autocast (``_backward``), as the recipe says: Accelerate's mixed_precision is fixed for the life
+    # of the process (a second fit() with another precision, the next phase or stage, would be refused), and left
+    # unset it would follow `accelerate launch --mixed_precision` instead of the recipe
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     warn_if_bf16_slow(s.precision, acc.device.type, "train.precision")
     if acc.num_processes > 1:
         destroy_process_group_at_exit()
