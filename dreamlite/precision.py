@@ -26,5 +26,5 @@ def bf16_is_native(device_type: str) -> bool:
 def warn_if_bf16_slow(precision: str | None, device_type: str, where: str) -> None:
     """Warn (``DreamliteWarning``, naming ``where``) when bf16 is asked for on a device that can only emulate it."""
     if precision == "bf16" and not bf16_is_native(device_type):
-        warnings.warn(f"{where}: bf16 on this CPU is emulated (no AVX-512 / AMX) and runs 15 to 25 times slower than "
+        warnings.warn(f"{where}: bf16 on this CPU is emulated (no AVX-512 / AMX) and runs 16 to 25 times slower than "
                       "fp32; use fp32 here", DreamliteWarning, stacklevel=3)
