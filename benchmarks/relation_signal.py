@@ -20,7 +20,7 @@ from dreamlite.evaluation.shapes.world import GenPrompt, scene_for
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.conditioning import unet_inputs
 from dreamlite.models.sampler import guide
-from dreamlite.models.teacher import SCHEDULES, epsilon_of
+from dreamlite.models.teacher import SCHEDULES, clean_of, epsilon_of
 
 PAIRS = (("circle", "square"), ("star", "triangle"), ("diamond", "cross"))
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}  # axis (x, y), sign
@@ -82,7 +82,7 @@ def signal(spec: str, n: int, seed: int, cfg: float) -> tuple[float, float]:
         outs = [epsilon_of(unet(x, t, **unet_inputs(unet.config, c, size, size)).sample, x, a, bundle.prediction)
                 for c in (empty, text)]
         eps = guide(outs, cfg, 1.0)
-        seps.append(separation(bundle.codec.decode(((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)), axis, sign))
+        seps.append(separation(bundle.codec.decode(clean_of(eps, x, a).clamp(-1, 1)), axis, sign))
     return summary(seps)
 
 

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 
 from dreamlite.models.bundle import load_bundle
 from dreamlite.models.conditioning import unet_inputs
-from dreamlite.models.teacher import SCHEDULES, epsilon_of, t2i_batch
+from dreamlite.models.teacher import SCHEDULES, clean_of, epsilon_of, t2i_batch
 
 TIMESTEPS = (999, 900, 700, 500, 300, 100)
 
@@ -49,7 +49,7 @@ def epsilon_errors(spec: str, batches: int, batch: int, seed: int) -> tuple[dict
         t999 = torch.full((batch,), 999)
         for name, x in (("training input", schedule.add_noise(x0, noise, t999)), ("pure noise", noise)):
             eps = epsilon_of(unet(x, t999, **extra).sample, x, a, bundle.prediction)
-            x0_hat = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            x0_hat = clean_of(eps, x, a).clamp(-1, 1)
             clean[name] += (x0_hat - x0).pow(2).mean().item() / batches
         clean["each image's mean colour"] += (x0.mean((2, 3), keepdim=True) - x0).pow(2).mean().item() / batches
     return {t: tuple(v) for t, v in sums.items()}, clean

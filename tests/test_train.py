@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreamlite.io import DreamliteError
-from dreamlite.models.teacher import EpsilonTask, epsilon_of, snr_weight, t2i_batch
+from dreamlite.models.teacher import EpsilonTask, clean_of, epsilon_of, snr_weight, t2i_batch
 from dreamlite.train import CHECKPOINT, TrainSettings, batch_stream, fit, lr_at
 
 from conftest import tiny_bundle
@@ -168,6 +168,7 @@ def test_v_prediction_task_regresses_the_velocity():
     velocity = a.sqrt() * batch["noise"] - (1 - a).sqrt() * x0
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * batch["noise"]
     assert torch.allclose(epsilon_of(velocity, noisy, a, "v"), batch["noise"], atol=1e-5)
+    assert torch.allclose(clean_of(batch["noise"], noisy, a), x0, atol=1e-3)  # 1 / sqrt(a) amplifies rounding
 
     class Oracle(torch.nn.Module):
         config = b.unet.config

@@ -18,7 +18,7 @@ from dreamlite.compress.prune.passes import (DepthPass, Evidence, HeadsPass, Mat
 from dreamlite.compress.prune.target import calibration_batches
 from dreamlite.compress.prune.unet import Space, StateDictSource, channel_scores, select, skip_scores, teacher_spaces
 from dreamlite.models.presets import build, get_preset
-from dreamlite.models.teacher import SCHEDULES, epsilon_of
+from dreamlite.models.teacher import SCHEDULES, clean_of, epsilon_of
 
 
 def teacher():
@@ -342,6 +342,6 @@ def test_calibration_targets_are_what_the_teacher_predicts(prediction):
     b = calibration_batches(bundle, 1, 0, batch=2)[0]
     a = DDPMScheduler.from_config(SCHEDULES[bundle.schedule]).alphas_cumprod[b["timestep"]].view(-1, 1, 1, 1)
     eps = epsilon_of(b["target"], b["sample"], a, prediction)
-    x0 = (b["sample"] - (1 - a).sqrt() * eps) / a.sqrt()
+    x0 = clean_of(eps, b["sample"], a)
     assert x0.min() >= -1 - 1e-3 and x0.max() <= 1 + 1e-3  # the rendered image comes back: the target is consistent
     assert prediction == "v" or torch.equal(b["target"], eps)
