@@ -1,11 +1,11 @@
 """Does a model's first clean estimate carry the relation? Colour-tagged position prompts ("a red circle left of a
 blue square") at t = 999 from pure noise, as sampling starts: the guided clean estimate is decoded, and the offset
-between the red and the blue pixel mass along the relation's axis is measured, signed so that positive is right.
+between the red and the blue pixel mass along the relation's axis is measured, positive on the named side.
 
 Rendered scenes that satisfy the prompts separate the two by 0.45 of the canvas, every one on the named side (the
 table's first row). A model that has learnt p(layout | text) moves its estimates that way; one whose layout comes
-from the noise scores 0, with half of them on the named side. `teacher_relations.py` judges finished samples; this watches the start of
-sampling, a continuous figure for following a training run.
+from the noise scores 0, with half of them on the named side. `teacher_relations.py` judges finished samples; this
+watches the start of sampling, a continuous figure for following a training run.
 
     python benchmarks/relation_signal.py [--model zoo:shapes-server ...] [--n 48 --seed 1 --cfg 5]
 """
@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 import torch
 
+from dreamlite.data import images_to_tensor
 from dreamlite.evaluation.shapes import render
 from dreamlite.evaluation.shapes.spec import COLORS
 from dreamlite.evaluation.shapes.world import GenPrompt, scene_for
@@ -59,8 +60,7 @@ def truth(n: int, seed: int, size: int = 64) -> tuple[float, float]:
     """The same figures on rendered scenes that satisfy each prompt: what a model that reads the relation reaches."""
     rng, seps = np.random.default_rng(seed), []
     for _, axis, sign, p in prompts():
-        images = np.stack([render(scene_for(p, rng), size) for _ in range(n)])
-        seps.append(separation(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, axis, sign))
+        seps.append(separation(images_to_tensor([render(scene_for(p, rng), size) for _ in range(n)]), axis, sign))
     return summary(seps)
 
 

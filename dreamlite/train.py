@@ -303,7 +303,7 @@ def _loop(acc, task: nn.Module, sharded: Sharded | None, batches, s: TrainSettin
             "samples_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1) if seen else None}
 
 
-def _backward(model, batch: dict, accumulate: int, acc, no_sync, precision: str = "fp32") -> dict[str, torch.Tensor]:
+def _backward(model, batch: dict, accumulate: int, acc, no_sync, precision: str) -> dict[str, torch.Tensor]:
     """Forward (under bf16 autocast if asked) and backward over ``accumulate`` micro-batches of this process's
     ``batch``; returns the logs' means. Gradients are synchronised once, on the last micro-batch."""
     logs: dict[str, torch.Tensor] = {}
