@@ -483,8 +483,8 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
 
 BATCH_OPTION = click.option(
     "--batch", type=click.IntRange(1), default=None,
-    help="Static batch (default: the guidance branches of --mode); 1 for guidance-distilled models such as "
-         "DreamLite's 4-step mobile checkpoint.")
+    help="Static batch (default: the guidance branches of --mode at the model's own guidance scales: 1 for a "
+         "guidance-distilled model, such as a step-distill stage's or DreamLite's 4-step checkpoint).")
 
 
 @main.command()
@@ -492,7 +492,8 @@ BATCH_OPTION = click.option(
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--size", type=click.IntRange(8), default=None, help="Image size in pixels (default: the model's).")
 @click.option("--mode", type=click.Choice(["generate", "edit"]), default="generate", show_default=True,
-              help="Static batch = the guidance branches: 2 for generation, 3 for editing.")
+              help="Static batch = the guidance branches: 2 for generation, 3 for editing (1 for either when the "
+                   "model's guidance is distilled).")
 @BATCH_OPTION
 def export(model, out, size, mode, batch):
     """ONNX artifact (opset 21, static shapes, in-context width included) with a manifest, checked against torch."""

@@ -203,16 +203,25 @@ def denoise(denoiser: Denoiser, prediction: str, noise: torch.Tensor, branches: 
     return x
 
 
+def guidance_branches(s: SamplerSettings, editing: bool) -> int:
+    """Denoiser inputs per image and step: 1 where guidance is off (scale 1: a guidance-distilled model),
+    else 2 to generate and 3 to edit."""
+    if editing:
+        return 1 if s.cfg == 1 and s.image_cfg == 1 else 3
+    return 1 if s.cfg == 1 else 2
+
+
 def _branches(b: Bundle, prompts: list[str], source: torch.Tensor | None, s: SamplerSettings):
-    """Guidance branches of one batch: generation [uncond?, cond]; editing [uncond, image, text]."""
+    """Guidance branches of one batch: generation [uncond?, cond]; editing [uncond, image, text] or [text]."""
     cond = b.text.encode(prompts)
     n = len(prompts)
-    empty = b.text.encode([""] * n) if (s.cfg != 1 or source is not None) else None
+    if guidance_branches(s, source is not None) == 1:
+        ctx = torch.zeros_like(_latent_like(b, n)) if b.in_context and source is None else source
+        return [(cond, ctx)]
+    empty = b.text.encode([""] * n)
     if source is None:
         ctx = torch.zeros_like(_latent_like(b, n)) if b.in_context else None
-        return [(cond, ctx)] if s.cfg == 1 else [(empty, ctx), (cond, ctx)]
-    if s.cfg == 1 and s.image_cfg == 1:
-        return [(cond, source)]
+        return [(empty, ctx), (cond, ctx)]
     return [(empty, torch.zeros_like(source)), (empty, source), (cond, source)]
 
 

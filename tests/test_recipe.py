@@ -304,6 +304,29 @@ def test_prune_recover_then_edit_and_generate(tmp_path, tiny_folders):
     assert not any("projections start fresh" in m for m in logs)
 
 
+def test_step_distill_then_export_at_one_branch_and_bench(tmp_path, tiny_folders):
+    """A step-distill stage: the gap to the teacher before and after, a model that samples in K calls, and an
+    export whose static batch is 1 (guidance distilled) without being told."""
+    data = {"name": "steps", "seed": 2, "stages": [
+        {"kind": "step-distill", "name": "distill", "model": str(tiny_folders["shallow-mobile"]), "steps": 2,
+         "teacher_steps": 4, "cfg": 3.0, "held_out": 1,
+         "train": {"steps": 1, "batch": 2, "warmup": 0, "log_every": 1, "checkpoint_every": 1}},
+        {"kind": "bench", "name": "gen", "bench": "gen", "input": "distill", "n": 1, "images_per_prompt": 1},
+        {"kind": "export", "name": "export", "input": "distill", "mode": "edit"},
+    ]}
+    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    distill, gen, export = (s["metrics"] for s in report["stages"])
+    assert distill["steps"] == 1 and distill["sampling_steps"] == 2 and distill["teacher_cfg"] == 3.0
+    assert {"t2i_gap_before", "t2i_gap_after", "edit_gap_before", "edit_gap_after"} <= set(distill)
+    assert all(distill[k] >= 0 for k in distill if "_gap_" in k)
+    meta = json.loads((tmp_path / "run/01-distill/model/dreamlite.json").read_text())
+    assert meta["stage"] == "step-distill" and meta["sampler"]["steps"] == 2 and meta["sampler"]["cfg"] == 1.0
+    assert meta["step_distill"]["guidance"] == "distilled" and meta["step_distill"]["teacher_steps"] == 4
+    assert gen["steps"] == 2 and gen["cfg"] == 1.0 and gen["images"] == 6
+    manifest = json.loads((tmp_path / "run/03-export/artifact/manifest.json").read_text())
+    assert manifest["batch"] == 1 and export["ort_vs_torch_max_abs"] < 1e-3
+
+
 def test_recover_needs_one_student(tmp_path):
     data = {"name": "r", "stages": [_recover_stage({}, {"teacher": "zoo:none"})]}
     with pytest.raises(DreamliteError, match="exactly one of input"):

@@ -24,7 +24,7 @@ from .export import example_inputs, export_onnx, input_names
 MANIFEST = "manifest.json"
 GRAPH = "unet.onnx"
 FORMAT = "dreamlite-onnx/1"
-BRANCHES = {"generate": 2, "edit": 3}  # classifier-free guidance branches run as one batch
+MODES = ("generate", "edit")
 
 
 def sha256(path: Path) -> str:
@@ -58,8 +58,10 @@ def session(path: Path, threads: int | None = None):
 
 def export_artifact(bundle, out, size: int | None = None, mode: str = "generate", batch: int | None = None) -> dict:
     """Export ``bundle``'s U-Net (fp32) into the artifact folder ``out`` and check ONNX Runtime against torch."""
-    if mode not in BRANCHES:
-        raise DreamliteError(f"--mode: {mode!r} is not one of {', '.join(BRANCHES)}")
+    from dreamlite.models.sampler import default_settings, guidance_branches
+
+    if mode not in MODES:
+        raise DreamliteError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if mode == "edit" and not bundle.in_context:
         raise DreamliteError(f"{bundle.name}: --mode edit needs an in-context model (DreamLite layout)")
     out = Path(out)
@@ -70,7 +72,7 @@ def export_artifact(bundle, out, size: int | None = None, mode: str = "generate"
         raise DreamliteError(f"--size: {size} px is not a multiple of what the U-Net downsamples to")
     h = size // factor
     latent = (h, 2 * h if bundle.in_context else h)
-    batch = batch or BRANCHES[mode]
+    batch = batch or guidance_branches(default_settings(bundle), mode == "edit")  # all branches in one call
     tokens = bundle.text_tokens
     unet = bundle.unet.float().eval()
     export_onnx(unet, out / GRAPH, batch, latent, (size, size), tokens,

@@ -60,7 +60,8 @@ class ExportStage(ModelInput):
     kind: Literal["export"]
     size: int | None = Field(None, ge=8, description="image size in pixels (default: the model's)")
     mode: Literal["generate", "edit"] = "generate"
-    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode)")
+    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode; 1 "
+                                                       "when the model's guidance is distilled)")
 
 
 @stage(ExportStage)
@@ -79,7 +80,8 @@ class QuantizeStage(ModelInput):
     steps: int | None = Field(None, ge=1)
     keep_float: list[str] = Field(default_factory=list, description="modules kept in float (e.g. conv_out)")
     mode: Literal["generate", "edit"] = "generate"
-    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode)")
+    batch: int | None = Field(None, ge=1, description="static batch (default: the guidance branches of mode; 1 "
+                                                       "when the model's guidance is distilled)")
     calib_data: Literal["sampler", "random"] = "sampler"
     backend: Literal["ort", "inc"] = "ort"
     sensitivity: bool = Field(False, description="record each module's share of the error in the manifest")

@@ -1,0 +1,71 @@
+"""Stage kind ``step-distill``: a recovered flow model trained to sample in K steps with guidance distilled in
+(compress/distill/steps.py)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from dreamlite.compress.distill.steps import StepSettings
+from dreamlite.recipe import StageContext, stage
+
+from .models import ModelInput, stage_model
+
+
+class StepDistillStage(ModelInput, StepSettings):
+    kind: Literal["step-distill"]
+    teacher_input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher "
+                                                        "(default: the model being distilled, before training)")
+    teacher: str | None = Field(None, description="or: a flow model folder")
+    data: str = Field("shapes", description="'shapes' (the shapes world) or a folder with t2i.jsonl / edit.jsonl")
+    held_out: int = Field(4, ge=0, description="prompts per GenEval tag (and edits per ImgEdit type) on which the "
+                                             "stage measures how far K-step sampling lands from the teacher's, "
+                                             "before and after (0: none)")
+    save_dtype: Literal["fp32", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _one_teacher(self):
+        if self.teacher_input is not None and self.teacher is not None:
+            raise ValueError("give at most one of teacher_input and teacher")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [n for n in (self.input, self.teacher_input) if n]
+
+
+@stage(StepDistillStage, distributed=True)
+def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
+    from dreamlite.compress.distill.steps import resolve, step_distill, trajectory_gap
+    from dreamlite.data import data_source
+    from dreamlite.models.bundle import load_bundle
+    from dreamlite.models.sampler import SamplerSettings
+    from dreamlite.train import check_launch
+
+    check_launch()
+    source = cfg.source(ctx)
+    student = load_bundle(source)
+    spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher or source
+    teacher = load_bundle(spec)
+    settings = StepSettings(**cfg.model_dump(include=set(StepSettings.model_fields)))
+    measure = ctx.main and cfg.held_out > 0
+    if measure:  # the model as it was, sampled in K steps with the teacher's guidance (2 or 3 calls a step)
+        guidance, image_guidance, shift = resolve(teacher, settings)
+        before = SamplerSettings(steps=cfg.steps, cfg=guidance, image_cfg=image_guidance, flow_shift=shift)
+        gap_before = trajectory_gap(student, teacher, settings, cfg.held_out, ctx.seed, before)
+    summary = step_distill(student, teacher, settings, ctx.dir / "train", data_source(cfg.data, student.image_size),
+                           ctx.seed, ctx.track, ctx.log)
+    if not ctx.main:
+        return summary
+    gaps = {}
+    if measure:
+        after = trajectory_gap(student, teacher, settings, cfg.held_out, ctx.seed)
+        gaps = {f"{task}_gap_{when}": round(g[task], 5) for when, g in (("before", gap_before), ("after", after))
+                for task in g}
+    if cfg.save_dtype == "fp16":
+        student.unet.to(torch.float16)
+    student.save_pretrained(ctx.dir / "model", stage="step-distill", parent=student.name, teacher=teacher.name,
+                            step_distill={"steps": cfg.steps, "teacher_steps": cfg.teacher_steps,
+                                          "cfg": summary["teacher_cfg"], "image_cfg": summary["teacher_image_cfg"],
+                                          "flow_shift": summary["flow_shift"], "guidance": "distilled"})
+    return {**summary, "sampling_steps": cfg.steps, **gaps}
