@@ -317,7 +317,8 @@ def test_step_distill_then_export_at_one_branch_and_bench(tmp_path, tiny_folders
     report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
     distill, gen, export = (s["metrics"] for s in report["stages"])
     assert distill["steps"] == 1 and distill["sampling_steps"] == 2 and distill["teacher_cfg"] == 3.0
-    assert {"t2i_gap_before", "t2i_gap_after", "edit_gap_before", "edit_gap_after"} <= set(distill)
+    assert {f"{task}_gap_{when}" for task in ("t2i", "edit") for when in ("before_guided", "before_one_call", "after")
+            } <= set(distill)
     assert all(distill[k] >= 0 for k in distill if "_gap_" in k)
     meta = json.loads((tmp_path / "run/01-distill/model/dreamlite.json").read_text())
     assert meta["stage"] == "step-distill" and meta["sampler"]["steps"] == 2 and meta["sampler"]["cfg"] == 1.0

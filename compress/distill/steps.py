@@ -13,7 +13,7 @@ before training): the chain's recovered student.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +190,21 @@ def step_distill(student, teacher, s: StepSettings, folder, data: DataSource, se
     return {**summary, "teacher_cfg": cfg, "teacher_image_cfg": image_cfg, "flow_shift": shift}
 
 
-def trajectory_gap(model, teacher, s: StepSettings, n: int = 4, seed: int = 0,
-                   settings: SamplerSettings | None = None) -> dict:
-    """How far ``model``'s sampling with ``settings`` (default: its own defaults) lands from the teacher's guided
-    ``s.teacher_steps``-step sampling, from the same noise: the mean squared difference of the images in [-1, 1],
-    over ``n`` prompts per GenEval tag (and ``n`` edits per ImgEdit type when both models edit). Prompts and edits
-    come from seeds the benchmarks do not use."""
+@dataclass
+class GapSet:
+    """Held-out prompts and edits with the teacher's guided ``teacher_steps``-step images of them."""
+    prompts: list[str]
+    teacher_images: np.ndarray
+    seed: int
+    sources: np.ndarray | None = None
+    instructions: list[str] | None = None
+    teacher_edits: np.ndarray | None = None
+
+
+def gap_set(teacher, s: StepSettings, n: int = 4, seed: int = 0) -> GapSet:
+    """``n`` prompts per GenEval tag (and ``n`` edits per ImgEdit type when the teacher edits), from seeds the
+    benchmarks do not use, sampled by the teacher as step distillation's targets are: guided, ``s.teacher_steps``
+    Euler steps."""
     from dreamlite.evaluation.geneval import gen_prompts
     from dreamlite.evaluation.shapes import render
     from dreamlite.evaluation.shapes.world import EDIT_TYPES, sample_edit
@@ -203,17 +212,28 @@ def trajectory_gap(model, teacher, s: StepSettings, n: int = 4, seed: int = 0,
 
     cfg, image_cfg, shift = resolve(teacher, s)
     ref = SamplerSettings(steps=s.teacher_steps, cfg=cfg, image_cfg=image_cfg, flow_shift=shift, seed=seed)
-    mine = replace(settings or default_settings(model), seed=seed)
+    prompts = [p.prompt for p, _ in gen_prompts(n, seed + 41)]
+    out = GapSet(prompts, generate(teacher, prompts, ref), seed)
+    if teacher.in_context:
+        rng = np.random.default_rng([seed, 43])
+        records = [sample_edit(rng, t) for t in EDIT_TYPES for _ in range(n)]
+        out.sources = np.stack([render(r.source, teacher.image_size) for r in records])
+        out.instructions = [r.prompt for r in records]
+        out.teacher_edits = edit(teacher, out.sources, out.instructions, ref)
+    return out
+
+
+def trajectory_gap(model, ref: GapSet, settings: SamplerSettings | None = None) -> dict:
+    """How far ``model``'s sampling with ``settings`` (default: its own defaults) lands from the teacher's in
+    ``ref``, from the same noise: the mean squared difference of the images in [-1, 1], per task."""
+    from dreamlite.models.sampler import edit
+
+    mine = replace(settings or default_settings(model), seed=ref.seed)
 
     def mse(a: np.ndarray, b: np.ndarray) -> float:
         return float((((a.astype(np.float32) - b.astype(np.float32)) / 127.5) ** 2).mean())
 
-    prompts = [p.prompt for p, _ in gen_prompts(n, seed + 41)]
-    out = {"t2i": mse(generate(model, prompts, mine), generate(teacher, prompts, ref))}
-    if model.in_context and teacher.in_context:
-        rng = np.random.default_rng([seed, 43])
-        records = [sample_edit(rng, t) for t in EDIT_TYPES for _ in range(n)]
-        sources = np.stack([render(r.source, model.image_size) for r in records])
-        texts = [r.prompt for r in records]
-        out["edit"] = mse(edit(model, sources, texts, mine), edit(teacher, sources, texts, ref))
+    out = {"t2i": mse(generate(model, ref.prompts, mine), ref.teacher_images)}
+    if ref.sources is not None and model.in_context:
+        out["edit"] = mse(edit(model, ref.sources, ref.instructions, mine), ref.teacher_edits)
     return out

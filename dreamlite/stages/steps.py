@@ -36,7 +36,7 @@ class StepDistillStage(ModelInput, StepSettings):
 
 @stage(StepDistillStage, distributed=True)
 def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
-    from dreamlite.compress.distill.steps import resolve, step_distill, trajectory_gap
+    from dreamlite.compress.distill.steps import gap_set, resolve, step_distill, trajectory_gap
     from dreamlite.data import data_source
     from dreamlite.models.bundle import load_bundle
     from dreamlite.models.sampler import SamplerSettings
@@ -49,19 +49,20 @@ def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
     teacher = load_bundle(spec)
     settings = StepSettings(**cfg.model_dump(include=set(StepSettings.model_fields)))
     measure = ctx.main and cfg.held_out > 0
-    if measure:  # the model as it was, sampled in K steps with the teacher's guidance (2 or 3 calls a step)
+    gaps = {}
+    if measure:  # the model as it was, in K steps: with the teacher's guidance (2 or 3 calls a step), and without
         guidance, image_guidance, shift = resolve(teacher, settings)
-        before = SamplerSettings(steps=cfg.steps, cfg=guidance, image_cfg=image_guidance, flow_shift=shift)
-        gap_before = trajectory_gap(student, teacher, settings, cfg.held_out, ctx.seed, before)
+        ref = gap_set(teacher, settings, cfg.held_out, ctx.seed)
+        for name, g, ig in (("before_guided", guidance, image_guidance), ("before_one_call", 1.0, 1.0)):
+            ways = SamplerSettings(steps=cfg.steps, cfg=g, image_cfg=ig, flow_shift=shift)
+            gaps[name] = trajectory_gap(student, ref, ways)
     summary = step_distill(student, teacher, settings, ctx.dir / "train", data_source(cfg.data, student.image_size),
                            ctx.seed, ctx.track, ctx.log)
     if not ctx.main:
         return summary
-    gaps = {}
     if measure:
-        after = trajectory_gap(student, teacher, settings, cfg.held_out, ctx.seed)
-        gaps = {f"{task}_gap_{when}": round(g[task], 5) for when, g in (("before", gap_before), ("after", after))
-                for task in g}
+        gaps["after"] = trajectory_gap(student, ref)
+    gaps = {f"{task}_gap_{when}": round(g[task], 5) for when, g in gaps.items() for task in g}
     if cfg.save_dtype == "fp16":
         student.unet.to(torch.float16)
     student.save_pretrained(ctx.dir / "model", stage="step-distill", parent=student.name, teacher=teacher.name,
