@@ -92,7 +92,8 @@ class StepDistillTask(nn.Module):
         self.teacher_in_context = teacher_in_context
 
     @torch.no_grad()
-    def _guided(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str], source: torch.Tensor | None) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str],
+                source: torch.Tensor | None) -> torch.Tensor:
         """The teacher's guided velocity at ``x`` (n, C, h, w): [empty, prompt] beside zeros to generate;
         [(empty, zeros), (empty, source), (prompt, source)] to edit."""
         n = len(prompts)
@@ -102,7 +103,8 @@ class StepDistillTask(nn.Module):
             [(empty, zeros), (empty, source), (cond, source)]
         xs = torch.cat([x] * len(branches))
         ctx = torch.cat([c for _, c in branches]) if self.teacher_in_context else None
-        out = flow_call(self.teacher, xs, sigma.repeat(len(branches)), TextStates.cat([t for t, _ in branches]), self.size, ctx)
+        text = TextStates.cat([t for t, _ in branches])
+        out = flow_call(self.teacher, xs, sigma.repeat(len(branches)), text, self.size, ctx)
         return guide(list(out.chunk(len(branches))), self.cfg, self.image_cfg)
 
     @torch.no_grad()
@@ -139,7 +141,7 @@ class StepDistillTask(nn.Module):
         return torch.cat(per_sample).mean(), logs
 
 
-def resolve(teacher, s: StepSettings) -> tuple[float, float, float]:
+def teacher_guidance(teacher, s: StepSettings) -> tuple[float, float, float]:
     """(cfg, image_cfg, flow_shift) of the teacher's trajectories: the settings' own, else its sampling defaults."""
     d = default_settings(teacher)
     return (d.cfg if s.cfg is None else s.cfg, d.image_cfg if s.image_cfg is None else s.image_cfg,
@@ -173,7 +175,7 @@ def step_distill(student, teacher, s: StepSettings, folder, data: DataSource, se
     parameters end as the EMA (or raw) weights and its sampling defaults become ``sampler_defaults``; returns
     fit's summary with the teacher's guidance and shift."""
     check_step_pair(student, teacher, s)
-    cfg, image_cfg, shift = resolve(teacher, s)
+    cfg, image_cfg, shift = teacher_guidance(teacher, s)
     grids = segment_grids(s.steps, s.teacher_steps, shift)
     task = StepDistillTask(student.unet, teacher.unet, student.text, student.codec, student.image_size, grids, cfg,
                            image_cfg, student.in_context, teacher.in_context)
@@ -210,7 +212,7 @@ def gap_set(teacher, s: StepSettings, n: int = 4, seed: int = 0) -> GapSet:
     from dreamlite.evaluation.shapes.world import EDIT_TYPES, sample_edit
     from dreamlite.models.sampler import edit
 
-    cfg, image_cfg, shift = resolve(teacher, s)
+    cfg, image_cfg, shift = teacher_guidance(teacher, s)
     ref = SamplerSettings(steps=s.teacher_steps, cfg=cfg, image_cfg=image_cfg, flow_shift=shift, seed=seed)
     prompts = [p.prompt for p, _ in gen_prompts(n, seed + 41)]
     out = GapSet(prompts, generate(teacher, prompts, ref), seed)
