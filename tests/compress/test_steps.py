@@ -8,7 +8,7 @@ from dreamlite.compress.distill.steps import (StepDistillTask, StepSettings, flo
                                               steps_batch)
 from dreamlite.data import ShapesData
 from dreamlite.io import DreamliteError
-from dreamlite.models.sampler import SamplerSettings, UNetDenoiser, _branches, denoise, generate
+from dreamlite.models.sampler import SamplerSettings, UNetDenoiser, _branches, default_settings, denoise, generate
 from dreamlite.train import TrainSettings
 
 from conftest import tiny_bundle
@@ -80,23 +80,46 @@ class Counting:
         return self.denoiser(x, t, text)
 
 
-def test_step_distill_trains_resumes_and_samples_with_one_call_per_step(tmp_path):
+def _pair():
     student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-mobile")
     student.meta["sampler"] = teacher.meta["sampler"] = {"steps": 20, "cfg": 3.5, "flow_shift": 3.0}
+    return student, teacher
+
+
+def test_step_distill_trains_and_samples_with_one_call_per_step(tmp_path):
+    student, teacher = _pair()
     before = {k: v.clone() for k, v in student.unet.state_dict().items()}
     summary = step_distill(student, teacher, _settings(), tmp_path, ShapesData(), seed=0, log=lambda m: None)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"]) and summary["teacher_cfg"] == 3.5
     after = student.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert student.meta["sampler"] == {"steps": 4, "cfg": 1.0, "image_cfg": 1.0, "flow_shift": 3.0}
-    again = tiny_bundle("shapes-mobile")
-    again.meta["sampler"] = student.meta["sampler"] | {"steps": 20, "cfg": 3.5}
-    step_distill(again, teacher, _settings(), tmp_path, ShapesData(), seed=0, log=lambda m: None)  # resumes: done
-    assert all(torch.equal(after[k], again.unet.state_dict()[k]) for k in after)
     counting = Counting(UNetDenoiser(student.unet, 64, 64))
-    from dreamlite.models.sampler import default_settings
     generate(student, ["a circle", "a star"], default_settings(student), denoiser=counting)
     assert counting.batches == [2] * 4  # 4 steps, no guidance branches
+
+
+def test_a_killed_step_distillation_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import dreamlite.train as train
+
+    student, teacher = _pair()
+    step_distill(student, teacher, _settings(train_steps=3), tmp_path / "straight", ShapesData(), log=lambda m: None)
+    straight = student.unet.state_dict()
+    real = train.save_checkpoint
+
+    def dying(path, step, *a, **kw):  # killed right after the first checkpoint
+        real(path, step, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", dying)
+    student, teacher = _pair()
+    with pytest.raises(KeyboardInterrupt):
+        step_distill(student, teacher, _settings(train_steps=3), tmp_path / "split", ShapesData(), log=lambda m: None)
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    student, teacher = _pair()
+    step_distill(student, teacher, _settings(train_steps=3), tmp_path / "split", ShapesData(), log=lambda m: None)
+    resumed = student.unet.state_dict()
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 
 
 def test_step_distill_refuses_pairs_it_cannot_train(tmp_path):
