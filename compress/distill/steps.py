@@ -141,11 +141,11 @@ class StepDistillTask(nn.Module):
         return torch.cat(per_sample).mean(), logs
 
 
-def teacher_guidance(teacher, s: StepSettings) -> tuple[float, float, float]:
-    """(cfg, image_cfg, flow_shift) of the teacher's trajectories: the settings' own, else its sampling defaults."""
-    d = default_settings(teacher)
-    return (d.cfg if s.cfg is None else s.cfg, d.image_cfg if s.image_cfg is None else s.image_cfg,
-            d.flow_shift if s.flow_shift is None else s.flow_shift)
+def teacher_sampling(teacher, s: StepSettings) -> SamplerSettings:
+    """How the teacher's trajectories are sampled: its own defaults under the settings' guidance and shift (those
+    left out stay the teacher's), ``s.teacher_steps`` steps."""
+    return default_settings(teacher).override(steps=s.teacher_steps, cfg=s.cfg, image_cfg=s.image_cfg,
+                                              flow_shift=s.flow_shift)
 
 
 def check_step_pair(student, teacher, s: StepSettings) -> None:
@@ -175,10 +175,10 @@ def step_distill(student, teacher, s: StepSettings, folder, data: DataSource, se
     parameters end as the EMA (or raw) weights and its sampling defaults become ``sampler_defaults``; returns
     fit's summary with the teacher's guidance and shift."""
     check_step_pair(student, teacher, s)
-    cfg, image_cfg, shift = teacher_guidance(teacher, s)
-    grids = segment_grids(s.steps, s.teacher_steps, shift)
-    task = StepDistillTask(student.unet, teacher.unet, student.text, student.codec, student.image_size, grids, cfg,
-                           image_cfg, student.in_context, teacher.in_context)
+    t = teacher_sampling(teacher, s)
+    grids = segment_grids(s.steps, s.teacher_steps, t.flow_shift)
+    task = StepDistillTask(student.unet, teacher.unet, student.text, student.codec, student.image_size, grids, t.cfg,
+                           t.image_cfg, student.in_context, teacher.in_context)
     latent = (student.unet.config.in_channels, student.latent_size(), student.latent_size())
     t2i, edit = s.counts()
 
@@ -188,8 +188,8 @@ def step_distill(student, teacher, s: StepSettings, folder, data: DataSource, se
     task.student.train()
     summary = fit(task, batches, s.train, Path(folder), track, log, description=f"distill to {s.steps} steps")
     task.student.eval()
-    student.meta["sampler"] = {**(student.meta.get("sampler") or {}), **sampler_defaults(s, shift)}
-    return {**summary, "teacher_cfg": cfg, "teacher_image_cfg": image_cfg, "flow_shift": shift}
+    student.meta["sampler"] = {**(student.meta.get("sampler") or {}), **sampler_defaults(s, t.flow_shift)}
+    return {**summary, "teacher_cfg": t.cfg, "teacher_image_cfg": t.image_cfg, "flow_shift": t.flow_shift}
 
 
 @dataclass
@@ -212,8 +212,7 @@ def gap_set(teacher, s: StepSettings, n: int = 4, seed: int = 0) -> GapSet:
     from dreamlite.evaluation.shapes.world import EDIT_TYPES, sample_edit
     from dreamlite.models.sampler import edit
 
-    cfg, image_cfg, shift = teacher_guidance(teacher, s)
-    ref = SamplerSettings(steps=s.teacher_steps, cfg=cfg, image_cfg=image_cfg, flow_shift=shift, seed=seed)
+    ref = replace(teacher_sampling(teacher, s), seed=seed)
     prompts = [p.prompt for p, _ in gen_prompts(n, seed + 41)]
     out = GapSet(prompts, generate(teacher, prompts, ref), seed)
     if teacher.in_context:

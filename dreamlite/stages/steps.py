@@ -36,10 +36,9 @@ class StepDistillStage(ModelInput, StepSettings):
 
 @stage(StepDistillStage, distributed=True)
 def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
-    from dreamlite.compress.distill.steps import gap_set, step_distill, teacher_guidance, trajectory_gap
+    from dreamlite.compress.distill.steps import gap_set, step_distill, teacher_sampling, trajectory_gap
     from dreamlite.data import data_source
     from dreamlite.models.bundle import load_bundle
-    from dreamlite.models.sampler import SamplerSettings
     from dreamlite.train import check_launch
 
     check_launch()
@@ -51,11 +50,10 @@ def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
     measure = ctx.main and cfg.held_out > 0
     gaps = {}
     if measure:  # the model as it was, in K steps: with the teacher's guidance (2 or 3 calls a step), and without
-        guidance, image_guidance, shift = teacher_guidance(teacher, settings)
+        guided = teacher_sampling(teacher, settings).override(steps=cfg.steps)
         ref = gap_set(teacher, settings, cfg.held_out, ctx.seed)
-        for name, g, ig in (("before_guided", guidance, image_guidance), ("before_one_call", 1.0, 1.0)):
-            ways = SamplerSettings(steps=cfg.steps, cfg=g, image_cfg=ig, flow_shift=shift)
-            gaps[name] = trajectory_gap(student, ref, ways)
+        gaps["before_guided"] = trajectory_gap(student, ref, guided)
+        gaps["before_one_call"] = trajectory_gap(student, ref, guided.override(cfg=1.0, image_cfg=1.0))
     summary = step_distill(student, teacher, settings, ctx.dir / "train", data_source(cfg.data, student.image_size),
                            ctx.seed, ctx.track, ctx.log)
     if not ctx.main:
