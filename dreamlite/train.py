@@ -354,11 +354,13 @@ def plot_loss(log_path: Path, png: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [int(r["step"]) for r in rows]
-    for key in [k for k in rows[0] if k not in ("step", "lr", "samples_per_s")]:
-        ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    curves = {k: [float(r[k]) for r in rows] for k in rows[0] if k not in ("step", "lr", "samples_per_s")}
+    for key, values in curves.items():
+        ax.plot(steps, values, label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if all(v > 0 for values in curves.values() for v in values):  # a policy-gradient loss is signed: linear then
+        ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -18,6 +18,7 @@ import torch.nn as nn
 from dreamlite.data import DataSource, images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
 from dreamlite.models.conditioning import unet_inputs
+from dreamlite.models.sampler import SamplerSettings, guidance_branches, guide
 from dreamlite.models.teacher import epsilon_of, step_generator
 from dreamlite.models.text import TextStates
 from dreamlite.train import fit
@@ -74,6 +75,25 @@ def flow_call(unet, x: torch.Tensor, sigma: torch.Tensor, text: TextStates, imag
     xin = x if cond is None else torch.cat([x, cond], dim=-1)
     out = unet(xin, flow_timestep(sigma), **unet_inputs(unet.config, text, image_size, image_size)).sample
     return out[..., : x.shape[-1]].float()
+
+
+def guided_flow(unet, x: torch.Tensor, sigma: torch.Tensor, empty: TextStates, cond: TextStates,
+                source: torch.Tensor | None, cfg: float, image_cfg: float, image_size: int,
+                in_context: bool = True) -> torch.Tensor:
+    """A flow U-Net's guided velocity at ``x`` (n, C, h, w), every branch in one call (the sampler's branches):
+    [empty, prompt] beside zeros to generate, [(empty, zeros), (empty, source), (prompt, source)] to edit; one call
+    with the prompt where guidance is 1 (a guidance-distilled model). ``empty``, ``cond``: the n samples' text."""
+    zeros = torch.zeros_like(x)
+    if guidance_branches(SamplerSettings(cfg=cfg, image_cfg=image_cfg), source is not None) == 1:
+        branches = [(cond, zeros if source is None else source)]
+    elif source is None:
+        branches = [(empty, zeros), (cond, zeros)]
+    else:
+        branches = [(empty, zeros), (empty, source), (cond, source)]
+    xs = torch.cat([x] * len(branches))
+    ctx = torch.cat([c for _, c in branches]) if in_context else None
+    out = flow_call(unet, xs, sigma.repeat(len(branches)), TextStates.cat([t for t, _ in branches]), image_size, ctx)
+    return guide(list(out.chunk(len(branches))), cfg, image_cfg)
 
 
 class FlowView:

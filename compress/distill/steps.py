@@ -23,13 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dreamlite.data import DataSource, images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
-from dreamlite.models.sampler import SamplerSettings, default_settings, generate, guide, make_scheduler
+from dreamlite.models.sampler import SamplerSettings, default_settings, generate, make_scheduler
 from dreamlite.models.teacher import step_generator
-from dreamlite.models.text import TextStates
 from dreamlite.train import TrainSettings, fit
 
 from .flow import flow_noise
-from .recover import CachedText, check_pair, flow_call
+from .recover import CachedText, check_pair, flow_call, guided_flow
 
 
 class StepSettings(BaseModel):
@@ -94,18 +93,10 @@ class StepDistillTask(nn.Module):
     @torch.no_grad()
     def _guided(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str],
                 source: torch.Tensor | None) -> torch.Tensor:
-        """The teacher's guided velocity at ``x`` (n, C, h, w): [empty, prompt] beside zeros to generate;
-        [(empty, zeros), (empty, source), (prompt, source)] to edit."""
-        n = len(prompts)
-        empty, cond = self.text.encode([""] * n), self.text.encode(prompts)
-        zeros = torch.zeros_like(x)
-        branches = [(empty, zeros), (cond, zeros)] if source is None else \
-            [(empty, zeros), (empty, source), (cond, source)]
-        xs = torch.cat([x] * len(branches))
-        ctx = torch.cat([c for _, c in branches]) if self.teacher_in_context else None
-        text = TextStates.cat([t for t, _ in branches])
-        out = flow_call(self.teacher, xs, sigma.repeat(len(branches)), text, self.size, ctx)
-        return guide(list(out.chunk(len(branches))), self.cfg, self.image_cfg)
+        """The teacher's guided velocity at ``x`` (n, C, h, w)."""
+        empty, cond = self.text.encode([""] * len(prompts)), self.text.encode(prompts)
+        return guided_flow(self.teacher, x, sigma, empty, cond, source, self.cfg, self.image_cfg, self.size,
+                           self.teacher_in_context)
 
     @torch.no_grad()
     def target(self, x: torch.Tensor, segment: torch.Tensor, prompts: list[str],

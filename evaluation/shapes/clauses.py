@@ -42,10 +42,17 @@ def relations(box_a, box_b, margin: float = 0.5) -> set[str]:
 
 def evaluate(objects, metadata: dict) -> tuple[bool, str]:
     """GenEval's verdict on one image: (correct, reason). ``objects`` need .shape, .color, .box, .fit."""
+    held, reasons = clause_verdicts(objects, metadata)
+    return all(held), "\n".join(reasons)
+
+
+def clause_verdicts(objects, metadata: dict) -> tuple[list[bool], list[str]]:
+    """Whether each clause holds, include clauses then exclude clauses, and the reasons of those that fail. An image
+    is correct when all hold; a position clause fails when the clause it refers to failed."""
     by_class: dict[str, list] = {}
     for o in sorted(objects, key=lambda o: o.fit):
         by_class.setdefault(o.shape, []).append(o)
-    correct, reasons, groups = True, [], []
+    held, reasons, groups = [], [], []
     for req in metadata.get("include", []):
         cls, count = req["class"], req["count"]
         found = by_class.get(cls, [])[:count]
@@ -76,14 +83,14 @@ def evaluate(objects, metadata: dict) -> tuple[bool, str]:
                                 break
                         if not matched:
                             break
-        correct &= matched
+        held.append(matched)
         groups.append(found if matched else None)
     for req in metadata.get("exclude", []):
         cls = req["class"]
-        if len(by_class.get(cls, [])) >= req["count"]:
-            correct = False
+        held.append(len(by_class.get(cls, [])) < req["count"])
+        if not held[-1]:
             reasons.append(f"expected {cls}<{req['count']}, found {len(by_class[cls])}")
-    return correct, "\n".join(reasons)
+    return held, reasons
 
 
 # More pixels than this that fit no background/colour blend and the image is not a scene: the sampler's noise or
@@ -96,6 +103,15 @@ def judge_parsed(parsed, meta: dict) -> tuple[bool, str]:
     if parsed.unexplained > MAX_UNEXPLAINED:
         return False, f"not a clean scene: {parsed.unexplained:.0%} of pixels fit no background/colour blend"
     return evaluate(parsed.objects, meta)
+
+
+def clause_credit(parsed, meta: dict) -> float:
+    """The share of GenEval's clauses a parsed image meets (1 exactly when it is correct; 0 when it is not a clean
+    scene): a graded form of the verdict, for rewards."""
+    if parsed.unexplained > MAX_UNEXPLAINED:
+        return 0.0
+    held, _ = clause_verdicts(parsed.objects, meta)
+    return sum(held) / len(held)
 
 
 def validate_metadata(meta: object, where: str) -> dict:
