@@ -14,6 +14,25 @@ def rng():
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def killed_then_resumed(monkeypatch, run, killed_at=lambda path: True):
+    """Call ``run()`` with training killed (KeyboardInterrupt) right after the first checkpoint whose path
+    ``killed_at`` accepts, then call it again, as a re-run would, and return what that returns."""
+    import dreamlite.train as train
+
+    real = train.save_checkpoint
+
+    def dying(path, step, *a, **kw):
+        real(path, step, *a, **kw)
+        if killed_at(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    return run()
+
 # Tiny versions of the shapes presets (same layouts, widths 8 to 16): every model test builds from these.
 TINY_TEXT = {"width": 16, "layers": 1, "heads": 2, "ff": 32}
 TINY = {

@@ -328,6 +328,32 @@ def test_step_distill_then_export_at_one_branch_and_bench(tmp_path, tiny_folders
     assert manifest["batch"] == 1 and export["ort_vs_torch_max_abs"] < 1e-3
 
 
+def test_reward_tune_reports_held_out_rewards_and_writes_a_model_the_bench_samples(tmp_path, tiny_folders):
+    """A reward-tune stage on two tags and one edit type: the mean reward of the model's own sampling before and
+    after, a model folder that records how it was tuned, and a bench of it."""
+    data = {"name": "rl", "seed": 2, "stages": [
+        {"kind": "reward-tune", "name": "rl", "model": str(tiny_folders["shallow-mobile"]), "steps": 3,
+         "sde_steps": 1, "group": 2, "tags": ["position", "color_attr"], "edit_types": ["remove"], "held_out": 1,
+         "train": {"steps": 1, "batch": 4, "warmup": 0, "log_every": 1, "checkpoint_every": 1}},
+        {"kind": "bench", "name": "gen", "bench": "gen", "input": "rl", "n": 1, "images_per_prompt": 1, "steps": 2},
+    ]}
+    report = run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    rl, gen = (s["metrics"] for s in report["stages"])
+    assert rl["steps"] == 1 and {f"{t}_reward_{w}" for t in ("t2i", "edit") for w in ("before", "after")} <= set(rl)
+    assert all(0 <= rl[k] <= 1 for k in rl if "_reward_" in k)
+    meta = json.loads((tmp_path / "run/01-rl/model/dreamlite.json").read_text())
+    assert meta["stage"] == "reward-tune" and meta["reward_tune"]["tags"] == ["position", "color_attr"]
+    assert meta["reward_tune"]["edit_types"] == ["remove"] and meta["prediction"] == "flow"
+    assert gen["images"] == 6
+
+
+def test_reward_tune_names_a_tag_outside_geneval(tmp_path):
+    data = {"name": "rl", "stages": [{"kind": "reward-tune", "model": "x", "tags": ["colour"],
+                                      "train": {"steps": 1, "batch": 8}}]}
+    with pytest.raises(DreamliteError, match=r"stages\[0\].*tags"):
+        load_recipe(write(tmp_path, data))
+
+
 def test_recover_needs_one_student(tmp_path):
     data = {"name": "r", "stages": [_recover_stage({}, {"teacher": "zoo:none"})]}
     with pytest.raises(DreamliteError, match="exactly one of input"):

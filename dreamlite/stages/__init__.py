@@ -1,2 +1,2 @@
 """Built-in recipe stage kinds; importing this package registers them all."""
-from . import compress, models, recover, steps, world  # noqa: F401
+from . import compress, models, recover, rl, steps, world  # noqa: F401

@@ -14,7 +14,7 @@ from dreamlite.io import DreamliteError
 from dreamlite.models.teacher import SCHEDULES, epsilon_of
 from dreamlite.train import TrainSettings
 
-from conftest import tiny_bundle
+from conftest import killed_then_resumed, tiny_bundle
 
 LATENT = (48, 16, 16)
 
@@ -246,24 +246,14 @@ def test_recover_trains_every_phase_and_resumes_exactly(tmp_path, monkeypatch):
     assert not any(m._forward_hooks for u in (student.unet, teacher.unet) for m in u.modules())
 
     # killed after the edit phase's first checkpoint, then run again from a fresh process state
-    import dreamlite.train as train
-    real, calls = train.save_checkpoint, []
-
-    def dying(path, step, *a, **kw):
-        real(path, step, *a, **kw)
-        calls.append(path)
-        if "02-edit" in str(path):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", dying)
-    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
-    torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
+    def run(seed: int):
+        student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
+        torch.manual_seed(seed)  # the re-run draws a different initial projection: the checkpoint must restore it
         recover(student, teacher, _phases(), tmp_path / "split", ShapesData(), log=lambda m: None)
-    monkeypatch.setattr(train, "save_checkpoint", real)
-    student, teacher = tiny_bundle("shapes-mobile"), tiny_bundle("shapes-server")
-    torch.manual_seed(1)  # a different initial projection: the checkpoint must restore it
-    recover(student, teacher, _phases(), tmp_path / "split", ShapesData(), log=lambda m: None)
+        return student
+
+    seeds = iter([0, 1])
+    student = killed_then_resumed(monkeypatch, lambda: run(next(seeds)), lambda path: "02-edit" in str(path))
     resumed = _weights(student)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 

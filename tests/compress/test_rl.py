@@ -14,7 +14,7 @@ from dreamlite.io import DreamliteError
 from dreamlite.models.sampler import SamplerSettings, UNetDenoiser, _branches, denoise, initial_noise
 from dreamlite.train import TrainSettings
 
-from conftest import tiny_bundle
+from conftest import killed_then_resumed, tiny_bundle
 
 LATENT = (48, 16, 16)
 
@@ -110,25 +110,15 @@ def test_reward_tuning_moves_the_models_own_samples_towards_the_reward(tmp_path,
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import dreamlite.train as train
-
     s, source = _settings(train_steps=3, kl=0.1), Brightness()
-    m = _model()
-    reward_tune(m, s, tmp_path / "straight", source, log=lambda msg: None)
-    straight = m.unet.state_dict()
-    real = train.save_checkpoint
 
-    def dying(path, step, *a, **kw):  # killed right after the first checkpoint
-        real(path, step, *a, **kw)
-        raise KeyboardInterrupt
+    def run(folder):
+        m = _model()
+        reward_tune(m, s, folder, source, log=lambda msg: None)
+        return m.unet.state_dict()
 
-    monkeypatch.setattr(train, "save_checkpoint", dying)
-    with pytest.raises(KeyboardInterrupt):
-        reward_tune(_model(), s, tmp_path / "split", source, log=lambda msg: None)
-    monkeypatch.setattr(train, "save_checkpoint", real)
-    m = _model()
-    reward_tune(m, s, tmp_path / "split", source, log=lambda msg: None)
-    resumed = m.unet.state_dict()
+    straight = run(tmp_path / "straight")
+    resumed = killed_then_resumed(monkeypatch, lambda: run(tmp_path / "split"))
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 
 

@@ -11,7 +11,7 @@ from dreamlite.io import DreamliteError
 from dreamlite.models.sampler import SamplerSettings, UNetDenoiser, _branches, default_settings, denoise, generate
 from dreamlite.train import TrainSettings
 
-from conftest import tiny_bundle
+from conftest import killed_then_resumed, tiny_bundle
 
 LATENT = (48, 16, 16)
 
@@ -100,25 +100,13 @@ def test_step_distill_trains_and_samples_with_one_call_per_step(tmp_path):
 
 
 def test_a_killed_step_distillation_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import dreamlite.train as train
+    def run(folder):
+        student, teacher = _pair()
+        step_distill(student, teacher, _settings(train_steps=3), folder, ShapesData(), log=lambda m: None)
+        return student.unet.state_dict()
 
-    student, teacher = _pair()
-    step_distill(student, teacher, _settings(train_steps=3), tmp_path / "straight", ShapesData(), log=lambda m: None)
-    straight = student.unet.state_dict()
-    real = train.save_checkpoint
-
-    def dying(path, step, *a, **kw):  # killed right after the first checkpoint
-        real(path, step, *a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", dying)
-    student, teacher = _pair()
-    with pytest.raises(KeyboardInterrupt):
-        step_distill(student, teacher, _settings(train_steps=3), tmp_path / "split", ShapesData(), log=lambda m: None)
-    monkeypatch.setattr(train, "save_checkpoint", real)
-    student, teacher = _pair()
-    step_distill(student, teacher, _settings(train_steps=3), tmp_path / "split", ShapesData(), log=lambda m: None)
-    resumed = student.unet.state_dict()
+    straight = run(tmp_path / "straight")
+    resumed = killed_then_resumed(monkeypatch, lambda: run(tmp_path / "split"))
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 
 
