@@ -69,20 +69,29 @@ def recover_batch(data: DataSource, spec: BatchSpec, seed: int, step: int, laten
 
 
 def flow_call(unet, x: torch.Tensor, sigma: torch.Tensor, text: TextStates, image_size: int,
-              cond: torch.Tensor | None = None) -> torch.Tensor:
-    """A flow U-Net's velocity (float) on the target half: it sees ``cat([x, cond], width)`` when ``cond`` is given
-    (an in-context model), ``x`` alone otherwise. ``x``, ``cond``: (B, C, h, w)."""
-    xin = x if cond is None else torch.cat([x, cond], dim=-1)
-    out = unet(xin, flow_timestep(sigma), **unet_inputs(unet.config, text, image_size, image_size)).sample
-    return out[..., : x.shape[-1]].float()
+              cond: torch.Tensor | None = None, convert: EpsilonToFlow | None = None,
+              prediction: str = "flow") -> torch.Tensor:
+    """A U-Net's velocity (float) at the flow sample ``x`` (B, C, h, w) of the target half: it sees
+    ``cat([x, cond], width)`` when ``cond`` is given (an in-context model), ``x`` alone otherwise. A flow model is
+    called as it is; an epsilon or v model (``convert``: its schedule's ``EpsilonToFlow``, ``prediction``) at its
+    timestep of equal SNR, on the rescaled sample, its output converted to the velocity."""
+    xin = x if convert is None else convert.teacher_input(x, sigma)
+    t = flow_timestep(sigma) if convert is None else convert.timestep(sigma)
+    out = unet(xin if cond is None else torch.cat([xin, cond], dim=-1), t,
+               **unet_inputs(unet.config, text, image_size, image_size)).sample[..., : x.shape[-1]].float()
+    if convert is None:
+        return out
+    return convert.velocity(epsilon_of(out, xin, convert.alpha_bar(sigma, x), prediction), x, sigma)
 
 
 def guided_flow(unet, x: torch.Tensor, sigma: torch.Tensor, empty: TextStates, cond: TextStates,
                 source: torch.Tensor | None, cfg: float, image_cfg: float, image_size: int,
-                in_context: bool = True) -> torch.Tensor:
-    """A flow U-Net's guided velocity at ``x`` (n, C, h, w), every branch in one call (the sampler's branches):
+                in_context: bool = True, convert: EpsilonToFlow | None = None,
+                prediction: str = "flow") -> torch.Tensor:
+    """A U-Net's guided velocity at ``x`` (n, C, h, w), every branch in one call (the sampler's branches):
     [empty, prompt] beside zeros to generate, [(empty, zeros), (empty, source), (prompt, source)] to edit; one call
-    with the prompt where guidance is 1 (a guidance-distilled model). ``empty``, ``cond``: the n samples' text."""
+    with the prompt where guidance is 1 (a guidance-distilled model). ``empty``, ``cond``: the n samples' text.
+    ``convert``, ``prediction``: an epsilon or v model, as ``flow_call``."""
     zeros = torch.zeros_like(x)
     if guidance_branches(SamplerSettings(cfg=cfg, image_cfg=image_cfg), source is not None) == 1:
         branches = [(cond, zeros if source is None else source)]
@@ -92,7 +101,8 @@ def guided_flow(unet, x: torch.Tensor, sigma: torch.Tensor, empty: TextStates, c
         branches = [(empty, zeros), (empty, source), (cond, source)]
     xs = torch.cat([x] * len(branches))
     ctx = torch.cat([c for _, c in branches]) if in_context else None
-    out = flow_call(unet, xs, sigma.repeat(len(branches)), TextStates.cat([t for t, _ in branches]), image_size, ctx)
+    out = flow_call(unet, xs, sigma.repeat(len(branches)), TextStates.cat([t for t, _ in branches]), image_size, ctx,
+                    convert, prediction)
     return guide(list(out.chunk(len(branches))), cfg, image_cfg)
 
 
@@ -108,14 +118,9 @@ class FlowView:
         self.convert = EpsilonToFlow.for_schedule(schedule) if prediction != "flow" else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
-        if self.convert is None:
-            cond = torch.zeros_like(x) if self.in_context else None
-            return flow_call(self.unet, x, sigma, text, self.size, cond), torch.ones_like(sigma)
-        xin = self.convert.teacher_input(x, sigma)
-        kwargs = unet_inputs(self.unet.config, text, self.size, self.size)
-        out = self.unet(xin, self.convert.timestep(sigma), **kwargs).sample.float()
-        eps = epsilon_of(out, xin, self.convert.alpha_bar(sigma, x), self.prediction)
-        return self.convert.velocity(eps, x, sigma), self.convert.in_range(sigma).float()
+        cond = torch.zeros_like(x) if self.in_context else None
+        v = flow_call(self.unet, x, sigma, text, self.size, cond, self.convert, self.prediction)
+        return v, (torch.ones_like(sigma) if self.convert is None else self.convert.in_range(sigma).float())
 
 
 class CachedText(nn.Module):

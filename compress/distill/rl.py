@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dreamlite.data import images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
 from dreamlite.models.codec import to_uint8
-from dreamlite.models.sampler import SamplerSettings, default_settings, edit, generate, initial_noise
+from dreamlite.models.sampler import SamplerSettings, default_settings, edit, generate, initial_noise, make_scheduler
 from dreamlite.models.teacher import step_generator
 from dreamlite.models.text import TextStates
 from dreamlite.train import TrainSettings, fit
 
-from .flow import _b
+from .flow import EpsilonToFlow, _b
 from .recover import CachedText, check_pair, guided_flow
 from .steps import flow_sigmas
 
@@ -90,25 +91,63 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - mean) / (std + 1e-4)
 
 
+def estimates(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean and noise estimates ``(x0, eps)`` of a velocity ``v`` at the flow sample ``x``: ``x0 = x - s v``,
+    ``eps = x + (1 - s) v``. ``clip``: ``x0`` clipped to [-1, 1] and ``eps`` re-derived from it, as the sampler's
+    clipped DDIM does (``use_clipped_model_output``)."""
+    s = _b(sigma, x)
+    if not clip:
+        return x - s * v, x + (1 - s) * v
+    x0 = (x - s * v).clamp(-1, 1)
+    return x0, (x - (1 - s) * x0) / s
+
+
 @torch.no_grad()
-def rollout(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-            sde_steps: int, eta: float, generators: list[torch.Generator]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sample from noise ``x`` (B, C, h, w) over ``sigmas`` (N + 1,): the first ``sde_steps`` steps by
-    ``ddim_step`` with noise from each image's generator, the rest by Euler. Returns the states before and after
-    each stochastic step (sde_steps + 1 of them) and the final latent."""
+def rollout(predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+            sigmas: torch.Tensor, sde_steps: int, eta: float,
+            generators: list[torch.Generator]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sample from ``x`` (B, C, h, w) at ``sigmas[0]`` over ``sigmas`` (N + 1,), ``predict(x, sigma) -> (x0, eps)``:
+    the first ``sde_steps`` steps by ``ddim_step`` with noise from each image's generator, the rest deterministic
+    (eta 0: Euler's step, or DDIM's with clipped estimates). Returns the states before and after each stochastic
+    step (sde_steps + 1 of them) and the final latent."""
     states = [x]
     for k in range(len(sigmas) - 1):
         s, t = sigmas[k].expand(x.shape[0]), sigmas[k + 1].expand(x.shape[0])
-        v = velocity(x, s)
-        if k < sde_steps:
-            sb = _b(s, x)
-            mean, std = ddim_step(x - sb * v, x + (1 - sb) * v, s, t, eta)
+        stochastic = k < sde_steps
+        mean, std = ddim_step(*predict(x, s), s, t, eta if stochastic else 0.0)
+        if stochastic:
             z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
             x = mean + std * z
             states.append(x)
         else:
-            x = x + _b(t - s, x) * v
+            x = mean
     return states, x
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The path the model's deterministic sampler takes, on the flow path: ``sigmas`` (N + 1,) from the first noise
+    level to 0, the scale of the initial noise there, and how the model's output becomes a velocity."""
+    sigmas: torch.Tensor
+    noise_scale: float = 1.0  # an epsilon model starts at its last timestep: x_T = eps is sqrt((1-s)^2 + s^2) eps here
+    convert: EpsilonToFlow | None = None  # an epsilon or v model: its schedule (None: a flow model)
+    prediction: str = "flow"
+    clip: bool = False  # clean estimates clipped to [-1, 1] (clipped DDIM; the flow sampler's Euler does not clip)
+
+
+def trajectory(model, steps: int, flow_shift: float = 1.0) -> Trajectory:
+    """``steps`` steps of the model's deterministic sampler seen on the flow path: flow-matching Euler on the shifted
+    grid for a flow model; for an epsilon or v model, DDIM on its training schedule (trailing timesteps, the last
+    step to the clean estimate), clipped where its codec is bounded. DDIM is Euler on the flow path at the sigmas of
+    equal SNR."""
+    if model.prediction == "flow":
+        return Trajectory(flow_sigmas(steps, flow_shift))
+    convert = EpsilonToFlow.for_schedule(model.schedule)
+    timesteps = make_scheduler(model.prediction, steps, "ddim", schedule=model.schedule).timesteps
+    sigmas = torch.cat([convert.sigma_of(convert.log_snr[timesteps]).float(), torch.zeros(1)])
+    s0 = float(sigmas[0])
+    return Trajectory(sigmas, math.sqrt((1 - s0) ** 2 + s0 ** 2), convert, model.prediction,
+                      bool(getattr(model.codec, "bounded", False)))
 
 
 # -------------------------------------------------------------------------------------------------------- task
@@ -126,16 +165,20 @@ class GRPOTask(nn.Module):
     """``forward(**rl_batch(...)) -> (loss, logs)``: samples groups with the current weights, scores them with
     ``source`` and returns GRPO's loss on the stochastic steps. Trains ``model``; text encoder and reference frozen."""
 
-    def __init__(self, model, text, codec, image_size: int, latent: tuple[int, int, int], source, sigmas: torch.Tensor,
+    def __init__(self, model, text, codec, image_size: int, latent: tuple[int, int, int], source, path: Trajectory,
                  s: RLSettings, cfg: float, image_cfg: float, in_context: bool = True, reference=None):
         super().__init__()
         self.model, self.text, self.codec, self.size, self.source = model, CachedText(text), codec, image_size, source
-        self.latent = latent
-        self.sigmas, self.s, self.cfg, self.image_cfg, self.in_context = sigmas, s, cfg, image_cfg, in_context
+        self.latent, self.path = latent, path
+        self.sigmas, self.s, self.cfg, self.image_cfg, self.in_context = path.sigmas, s, cfg, image_cfg, in_context
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
 
-    def _velocity(self, unet, x, sigma, empty: TextStates, cond: TextStates, source) -> torch.Tensor:
-        return guided_flow(unet, x, sigma, empty, cond, source, self.cfg, self.image_cfg, self.size, self.in_context)
+    def _predict(self, unet, x, sigma, empty: TextStates, cond: TextStates, source) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided clean and noise estimates at the flow sample ``x``, as the model's sampler makes them."""
+        p = self.path
+        v = guided_flow(unet, x, sigma, empty, cond, source, self.cfg, self.image_cfg, self.size, self.in_context,
+                        p.convert, p.prediction)
+        return estimates(v, x, sigma, p.clip)
 
     def _groups(self, items, seeds: torch.Tensor, sources: torch.Tensor | None, score) -> tuple[torch.Tensor, dict]:
         g, k = self.s.group, self.s.sde_steps
@@ -145,8 +188,8 @@ class GRPOTask(nn.Module):
         empty = self.text.encode([""] * n)
         src = None if sources is None else self.codec.encode(sources).repeat_interleave(g, dim=0)
         gens = [torch.Generator().manual_seed(int(seed) * 1009 + j) for seed in seeds for j in range(g)]
-        x = initial_noise((n, *self.latent), 0, generators=gens)
-        states, final = rollout(lambda y, sig: self._velocity(self.model, y, sig, empty, cond, src), x, self.sigmas,
+        x = initial_noise((n, *self.latent), 0, generators=gens) * self.path.noise_scale
+        states, final = rollout(lambda y, sig: self._predict(self.model, y, sig, empty, cond, src), x, self.sigmas,
                                 k, self.s.eta, gens)
         rewards = torch.from_numpy(score(to_uint8(self.codec.decode(final)), items))
         adv = group_advantages(rewards.view(-1, g)).flatten()
@@ -167,9 +210,7 @@ class GRPOTask(nn.Module):
         return loss, logs
 
     def _transition(self, unet, x, sigma, sigma_next, empty, cond, source):
-        v = self._velocity(unet, x, sigma, empty, cond, source)
-        sb = _b(sigma, x)
-        return ddim_step(x - sb * v, x + (1 - sb) * v, sigma, sigma_next, self.s.eta)
+        return ddim_step(*self._predict(unet, x, sigma, empty, cond, source), sigma, sigma_next, self.s.eta)
 
     def forward(self, gen_items, gen_seed, edit_items, edit_source, edit_seed):
         losses, logs = [], {}
@@ -192,10 +233,12 @@ def rl_sampling(model, s: RLSettings) -> SamplerSettings:
 
 def check_rl(model, s: RLSettings, source) -> None:
     """Fail before training on a model or source that cannot be reward-tuned as asked (one line naming the field)."""
-    if model.prediction != "flow":
-        raise DreamliteError(f"model: {model.name} predicts {model.prediction}; reward fine-tuning takes a "
-                             "flow-matching model (a recover or step-distill stage's output)")
+    if model.prediction != "flow" and s.flow_shift is not None:
+        raise DreamliteError(f"flow_shift: applies to flow-matching models; {model.name} predicts {model.prediction}")
     _, edit_groups = s.counts()
+    if edit_groups and not model.in_context:
+        raise DreamliteError(f"edit_fraction: {model.name} cannot edit (a {type(model.unet).__name__} without "
+                             "in-context width); set edit_fraction: 0")
     check_pair(model, None, edit_groups > 0)
     if edit_groups and "edit" not in source.tasks:
         raise DreamliteError("edit_fraction: the reward source has no edits; set edit_fraction: 0")
@@ -210,7 +253,7 @@ def reward_tune(model, s: RLSettings, folder, source, seed: int = 0, track=ident
     reference = copy.deepcopy(model.unet) if s.kl else None
     latent = (model.unet.config.in_channels, model.latent_size(), model.latent_size())
     task = GRPOTask(model.unet, model.text, model.codec, model.image_size, latent, source,
-                    flow_sigmas(s.steps, t.flow_shift), s, t.cfg, t.image_cfg, model.in_context, reference)
+                    trajectory(model, s.steps, t.flow_shift), s, t.cfg, t.image_cfg, model.in_context, reference)
     gen_groups, edit_groups = s.counts()
 
     def batches(step: int) -> dict:

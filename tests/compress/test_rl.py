@@ -6,8 +6,8 @@ import torch
 from pydantic import ValidationError
 
 from dreamlite.compress.distill.recover import CachedText, guided_flow
-from dreamlite.compress.distill.rl import (RLSettings, ddim_step, gaussian_logp, group_advantages, mean_rewards,
-                                           reward_tune, rl_batch, rollout)
+from dreamlite.compress.distill.rl import (RLSettings, ddim_step, estimates, gaussian_logp, group_advantages,
+                                           mean_rewards, reward_tune, rl_batch, rollout, trajectory)
 from dreamlite.compress.distill.steps import flow_sigmas
 from dreamlite.evaluation.rewards import ShapesRewards
 from dreamlite.io import DreamliteError
@@ -79,12 +79,33 @@ def test_a_rollout_without_stochastic_steps_is_the_samplers_own_guided_run(editi
     ref = denoise(UNetDenoiser(m.unet, 64, 64), "flow", noise, _branches(m, prompts, source, settings), settings)
     text = CachedText(m.text)
     empty, cond = text.encode([""] * 2), text.encode(prompts)
-    velocity = lambda x, s: guided_flow(m.unet, x, s, empty, cond, source, 2.0, 1.5, 64)  # noqa: E731
-    states, final = rollout(velocity, noise, flow_sigmas(6, 3.0), 0, 1.0, [])
+    predict = lambda x, s: estimates(guided_flow(m.unet, x, s, empty, cond, source, 2.0, 1.5, 64), x, s, False)  # noqa: E731
+    states, final = rollout(predict, noise, flow_sigmas(6, 3.0), 0, 1.0, [])
     assert len(states) == 1 and torch.allclose(final, ref, atol=1e-5)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    states, noisy = rollout(velocity, noise, flow_sigmas(6, 3.0), 2, 1.0, gens)
+    states, noisy = rollout(predict, noise, flow_sigmas(6, 3.0), 2, 1.0, gens)
     assert len(states) == 3 and not torch.allclose(noisy, ref, atol=1e-2)  # the first two steps drew noise
+
+
+def test_an_epsilon_models_rollout_without_stochastic_steps_is_its_clipped_ddim_run():
+    """A server (epsilon, discrete schedule) is trained on its DDIM path seen on the flow path: started at its last
+    timestep's sigma from the same noise, with clipped estimates, it lands where the sampler's clipped DDIM does."""
+    m = tiny_bundle("shapes-server")
+    settings = SamplerSettings(steps=5, cfg=3.0, scheduler="ddim", clip=True)
+    noise = initial_noise((2, *LATENT), 4)
+    prompts = ["a red circle left of a blue square", "three stars"]
+    ref = denoise(UNetDenoiser(m.unet, 64, 64), "epsilon", noise, _branches(m, prompts, None, settings), settings)
+    path = trajectory(m, 5)
+    assert path.clip and 0.9 < path.sigmas[0] < 1 and path.sigmas[-1] == 0 and len(path.sigmas) == 6
+    text = CachedText(m.text)
+    empty, cond = text.encode([""] * 2), text.encode(prompts)
+
+    def predict(x, s):
+        v = guided_flow(m.unet, x, s, empty, cond, None, 3.0, 1.0, 64, False, path.convert, "epsilon")
+        return estimates(v, x, s, path.clip)
+
+    _, final = rollout(predict, noise * path.noise_scale, path.sigmas, 0, 1.0, [])
+    assert torch.allclose(final, ref, atol=1e-4) and ref.abs().max() <= 1
 
 
 def test_batches_are_pure_functions_of_seed_and_step():
@@ -109,6 +130,17 @@ def test_reward_tuning_moves_the_models_own_samples_towards_the_reward(tmp_path,
     assert log[0].split(",")[3:] == ["loss", "t2i_reward", "edit_reward"]
 
 
+def test_reward_tuning_trains_an_epsilon_server_on_its_ddim_path(tmp_path):
+    """The server teacher (epsilon prediction, no in-context width) is reward-tuned on generation alone."""
+    m, source = tiny_bundle("shapes-server"), Brightness(-1.0)
+    m.meta["sampler"] = {"steps": 6, "cfg": 2.0, "scheduler": "ddim"}
+    prompts, _ = source.held_out(1, 5)
+    before = mean_rewards(m, source, prompts[:4], [])
+    summary = reward_tune(m, _settings(train_steps=4, edit_fraction=0), tmp_path, source, log=lambda msg: None)
+    after = mean_rewards(m, source, prompts[:4], [])
+    assert summary["steps"] == 4 and after["t2i"] > before["t2i"] + 0.005
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     s, source = _settings(train_steps=3, kl=0.1), Brightness()
 
@@ -127,8 +159,11 @@ def test_settings_and_models_it_cannot_train_are_refused_before_anything_is_writ
         _settings(sde_steps=6)
     with pytest.raises(ValidationError, match="train.batch: 10 images is not a whole number of groups of 4"):
         _settings(batch=10)
-    with pytest.raises(DreamliteError, match="model: tiny-shapes-server predicts epsilon"):
+    with pytest.raises(DreamliteError, match="edit_fraction: tiny-shapes-server cannot edit"):
         reward_tune(tiny_bundle("shapes-server"), _settings(), tmp_path, ShapesRewards())
+    with pytest.raises(DreamliteError, match="flow_shift: applies to flow-matching models"):
+        reward_tune(tiny_bundle("shapes-server"), _settings(flow_shift=3.0, edit_fraction=0), tmp_path,
+                    ShapesRewards())
     with pytest.raises(DreamliteError, match="tags: unknown 'colour'"):
         ShapesRewards(tags=["colour"])
     assert not any(tmp_path.iterdir())
