@@ -347,6 +347,19 @@ def test_reward_tune_reports_held_out_rewards_and_writes_a_model_the_bench_sampl
     assert gen["images"] == 6
 
 
+def test_reward_tune_of_a_server_that_cannot_edit_is_refused_before_it_samples(tmp_path, tiny_folders, monkeypatch):
+    """A server has no in-context width: the default edit share is refused in one line naming edit_fraction, before
+    the held-out rewards are sampled and before anything is trained."""
+    import dreamlite.compress.distill.rl as rl
+
+    monkeypatch.setattr(rl, "mean_rewards", lambda *a, **kw: pytest.fail("sampled before the settings were checked"))
+    data = {"name": "rl", "stages": [{"kind": "reward-tune", "name": "rl", "model": str(tiny_folders["shapes-server"]),
+                                      "steps": 3, "sde_steps": 1, "group": 2, "train": {"steps": 1, "batch": 4}}]}
+    with pytest.raises(DreamliteError, match="edit_fraction: .* cannot edit .* set edit_fraction: 0"):
+        run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run/01-rl").exists()
+
+
 def test_reward_tune_names_a_tag_outside_geneval(tmp_path):
     data = {"name": "rl", "stages": [{"kind": "reward-tune", "model": "x", "tags": ["colour"],
                                       "train": {"steps": 1, "batch": 8}}]}

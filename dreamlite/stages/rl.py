@@ -30,7 +30,7 @@ class RewardTuneStage(ModelInput, RLSettings):
 
 @stage(RewardTuneStage, distributed=True)
 def run_reward_tune(cfg: RewardTuneStage, ctx: StageContext) -> dict:
-    from dreamlite.compress.distill.rl import mean_rewards, reward_tune
+    from dreamlite.compress.distill.rl import check_rl, mean_rewards, reward_tune
     from dreamlite.evaluation.rewards import ShapesRewards
     from dreamlite.models.bundle import load_bundle
     from dreamlite.train import check_launch
@@ -39,6 +39,7 @@ def run_reward_tune(cfg: RewardTuneStage, ctx: StageContext) -> dict:
     model = load_bundle(cfg.source(ctx))
     source = ShapesRewards(model.image_size, cfg.tags, cfg.edit_types)
     settings = RLSettings(**cfg.model_dump(include=set(RLSettings.model_fields)))
+    check_rl(model, settings, source)  # before the held-out rewards are measured, not after
     gen_groups, edit_groups = settings.counts()
     measure = ctx.main and cfg.held_out > 0
     if measure:
