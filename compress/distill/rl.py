@@ -9,6 +9,7 @@ normalised within its group. The loss is ``-A log p(x_next | x, prompt)`` over t
 transitions that led to better-than-average images more likely. Each batch is sampled by the current weights and
 used for one update, so PPO's ratio is 1 and its clip never binds: this is GRPO's gradient with one update per
 batch. ``kl`` adds Flow-GRPO's per-step KL to the starting model, ``|mean - mean_ref|^2 / (2 std^2)``.
+An epsilon or v server is trained on its clipped DDIM path seen on the flow path (``trajectory``).
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ class GRPOTask(nn.Module):
         super().__init__()
         self.model, self.text, self.codec, self.size, self.source = model, CachedText(text), codec, image_size, source
         self.latent, self.path = latent, path
-        self.sigmas, self.s, self.cfg, self.image_cfg, self.in_context = path.sigmas, s, cfg, image_cfg, in_context
+        self.s, self.cfg, self.image_cfg, self.in_context = s, cfg, image_cfg, in_context
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
 
     def _predict(self, unet, x, sigma, empty: TextStates, cond: TextStates, source) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,13 +190,14 @@ class GRPOTask(nn.Module):
         src = None if sources is None else self.codec.encode(sources).repeat_interleave(g, dim=0)
         gens = [torch.Generator().manual_seed(int(seed) * 1009 + j) for seed in seeds for j in range(g)]
         x = initial_noise((n, *self.latent), 0, generators=gens) * self.path.noise_scale
-        states, final = rollout(lambda y, sig: self._predict(self.model, y, sig, empty, cond, src), x, self.sigmas,
+        states, final = rollout(lambda y, sig: self._predict(self.model, y, sig, empty, cond, src), x, self.path.sigmas,
                                 k, self.s.eta, gens)
         rewards = torch.from_numpy(score(to_uint8(self.codec.decode(final)), items))
         adv = group_advantages(rewards.view(-1, g)).flatten()
         # every stochastic step of every image in one batch: (k n, C, h, w)
         xs, xn = torch.cat(states[:-1]), torch.cat(states[1:])
-        sig, sig_next = self.sigmas[:k].repeat_interleave(n), self.sigmas[1:k + 1].repeat_interleave(n)
+        sigmas = self.path.sigmas
+        sig, sig_next = sigmas[:k].repeat_interleave(n), sigmas[1:k + 1].repeat_interleave(n)
         empty_k, cond_k = TextStates.cat([empty] * k), TextStates.cat([cond] * k)
         src_k = None if src is None else src.repeat(k, 1, 1, 1)
         mean, std = self._transition(self.model, xs, sig, sig_next, empty_k, cond_k, src_k)
