@@ -174,7 +174,8 @@ class GRPOTask(nn.Module):
         self.s, self.cfg, self.image_cfg, self.in_context = s, cfg, image_cfg, in_context
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
 
-    def _predict(self, unet, x, sigma, empty: TextStates, cond: TextStates, source) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, unet, x, sigma, empty: TextStates, cond: TextStates,
+                 source) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided clean and noise estimates at the flow sample ``x``, as the model's sampler makes them."""
         p = self.path
         v = guided_flow(unet, x, sigma, empty, cond, source, self.cfg, self.image_cfg, self.size, self.in_context,

@@ -79,7 +79,10 @@ def test_a_rollout_without_stochastic_steps_is_the_samplers_own_guided_run(editi
     ref = denoise(UNetDenoiser(m.unet, 64, 64), "flow", noise, _branches(m, prompts, source, settings), settings)
     text = CachedText(m.text)
     empty, cond = text.encode([""] * 2), text.encode(prompts)
-    predict = lambda x, s: estimates(guided_flow(m.unet, x, s, empty, cond, source, 2.0, 1.5, 64), x, s, False)  # noqa: E731
+
+    def predict(x, s):
+        return estimates(guided_flow(m.unet, x, s, empty, cond, source, 2.0, 1.5, 64), x, s, False)
+
     states, final = rollout(predict, noise, flow_sigmas(6, 3.0), 0, 1.0, [])
     assert len(states) == 1 and torch.allclose(final, ref, atol=1e-5)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
