@@ -230,7 +230,8 @@ def _latent_like(b: Bundle, n: int, size: int | None = None) -> torch.Tensor:
     return torch.empty(n, b.unet.config.in_channels, h, h)
 
 
-def _check(b: Bundle, s: SamplerSettings) -> SamplerSettings:
+def checked(b: Bundle, s: SamplerSettings) -> SamplerSettings:
+    """``s`` checked against the model (one line naming the field at fault), with ``clip`` resolved from its codec."""
     if b.text is None or b.codec is None:
         raise DreamliteError(f"{b.name}: sampling needs a text encoder and a codec beside the U-Net "
                              "(a preset without them can only be inspected)")
@@ -246,7 +247,7 @@ def _check(b: Bundle, s: SamplerSettings) -> SamplerSettings:
 def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings(), size: int | None = None,
              denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
     """Text-to-image: uint8 (B, H, W, 3); image i uses seed ``s.seed + first_index + i``."""
-    s = _check(b, s)
+    s = checked(b, s)
     size = size or b.image_size
     if b.denoiser is not None and size != b.image_size:
         raise DreamliteError(f"{b.name}: the artifact was exported for {b.image_size} px images, not {size}")
@@ -265,7 +266,7 @@ def generate(b: Bundle, prompts: list[str], s: SamplerSettings = SamplerSettings
 def edit(b: Bundle, sources: np.ndarray, prompts: list[str], s: SamplerSettings = SamplerSettings(),
          denoiser: Denoiser | None = None, first_index: int = 0) -> np.ndarray:
     """Instruction editing of uint8 images (B, H, W, 3) of the model's size -> uint8 (B, H, W, 3)."""
-    s = _check(b, s)
+    s = checked(b, s)
     if not b.in_context:
         raise DreamliteError(f"{b.name}: editing needs an in-context model (DreamLite layout); this one is "
                              f"{type(b.unet).__name__} without in-context width")

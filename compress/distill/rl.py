@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dreamlite.data import images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
 from dreamlite.models.codec import to_uint8
-from dreamlite.models.sampler import SamplerSettings, default_settings, edit, generate, initial_noise, make_scheduler
+from dreamlite.models.sampler import (SamplerSettings, checked, default_settings, edit, generate, initial_noise,
+                                      make_scheduler)
 from dreamlite.models.teacher import step_generator
 from dreamlite.models.text import TextStates
 from dreamlite.train import TrainSettings, fit
@@ -136,19 +137,18 @@ class Trajectory:
     clip: bool = False  # clean estimates clipped to [-1, 1] (clipped DDIM; the flow sampler's Euler does not clip)
 
 
-def trajectory(model, steps: int, flow_shift: float = 1.0) -> Trajectory:
-    """``steps`` steps of the model's deterministic sampler seen on the flow path: flow-matching Euler on the shifted
-    grid for a flow model; for an epsilon or v model, DDIM on its training schedule (trailing timesteps, the last
-    step to the clean estimate), clipped where its codec is bounded. DDIM is Euler on the flow path at the sigmas of
-    equal SNR."""
+def trajectory(model, s: SamplerSettings) -> Trajectory:
+    """``s.steps`` steps of the model's deterministic sampler seen on the flow path: flow-matching Euler on the grid
+    shifted by ``s.flow_shift`` for a flow model; for an epsilon or v model, DDIM on its training schedule (trailing
+    timesteps, the last step to the clean estimate), clipped if ``s.clip``. DDIM is Euler on the flow path at the
+    sigmas of equal SNR."""
     if model.prediction == "flow":
-        return Trajectory(flow_sigmas(steps, flow_shift))
+        return Trajectory(flow_sigmas(s.steps, s.flow_shift))
     convert = EpsilonToFlow.for_schedule(model.schedule)
-    timesteps = make_scheduler(model.prediction, steps, "ddim", schedule=model.schedule).timesteps
+    timesteps = make_scheduler(model.prediction, s.steps, "ddim", schedule=model.schedule).timesteps
     sigmas = torch.cat([convert.sigma_of(convert.log_snr[timesteps]).float(), torch.zeros(1)])
     s0 = float(sigmas[0])
-    return Trajectory(sigmas, math.sqrt((1 - s0) ** 2 + s0 ** 2), convert, model.prediction,
-                      bool(getattr(model.codec, "bounded", False)))
+    return Trajectory(sigmas, math.sqrt((1 - s0) ** 2 + s0 ** 2), convert, model.prediction, bool(s.clip))
 
 
 # -------------------------------------------------------------------------------------------------------- task
@@ -228,16 +228,12 @@ class GRPOTask(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the verb
-def rl_sampling(model, s: RLSettings) -> SamplerSettings:
-    """The training trajectories' sampler: the model's defaults under the settings' guidance and shift, ``s.steps``
-    steps."""
-    return default_settings(model).override(steps=s.steps, cfg=s.cfg, image_cfg=s.image_cfg, flow_shift=s.flow_shift)
-
-
-def check_rl(model, s: RLSettings, source) -> None:
-    """Fail before training on a model or source that cannot be reward-tuned as asked (one line naming the field)."""
-    if model.prediction != "flow" and s.flow_shift is not None:
-        raise DreamliteError(f"flow_shift: applies to flow-matching models; {model.name} predicts {model.prediction}")
+def check_rl(model, s: RLSettings, source) -> SamplerSettings:
+    """Fail before training on a model or source that cannot be reward-tuned as asked (one line naming the field).
+    Returns the training trajectories' sampler, checked: the model's defaults under the settings' guidance and
+    shift, ``s.steps`` steps."""
+    t = checked(model, default_settings(model).override(steps=s.steps, cfg=s.cfg, image_cfg=s.image_cfg,
+                                                         flow_shift=s.flow_shift))
     _, edit_groups = s.counts()
     if edit_groups and not model.in_context:
         raise DreamliteError(f"edit_fraction: {model.name} cannot edit (a {type(model.unet).__name__} without "
@@ -245,18 +241,18 @@ def check_rl(model, s: RLSettings, source) -> None:
     check_pair(model, None, edit_groups > 0)
     if edit_groups and "edit" not in source.tasks:
         raise DreamliteError("edit_fraction: the reward source has no edits; set edit_fraction: 0")
+    return t
 
 
 def reward_tune(model, s: RLSettings, folder, source, seed: int = 0, track=identity_track, log=print) -> dict:
     """Train the ``model`` Bundle in place (resuming from ``folder``'s checkpoint) to raise ``source``'s rewards of
     its own samples (GRPO). Its parameters end as the EMA (or raw) weights; its sampling defaults are unchanged.
     Returns fit's summary with the sampler's guidance and shift."""
-    check_rl(model, s, source)
-    t = rl_sampling(model, s)
+    t = check_rl(model, s, source)
     reference = copy.deepcopy(model.unet) if s.kl else None
     latent = (model.unet.config.in_channels, model.latent_size(), model.latent_size())
     task = GRPOTask(model.unet, model.text, model.codec, model.image_size, latent, source,
-                    trajectory(model, s.steps, t.flow_shift), s, t.cfg, t.image_cfg, model.in_context, reference)
+                    trajectory(model, t), s, t.cfg, t.image_cfg, model.in_context, reference)
     gen_groups, edit_groups = s.counts()
 
     def batches(step: int) -> dict:

@@ -98,7 +98,7 @@ def test_an_epsilon_models_rollout_without_stochastic_steps_is_its_clipped_ddim_
     noise = initial_noise((2, *LATENT), 4)
     prompts = ["a red circle left of a blue square", "three stars"]
     ref = denoise(UNetDenoiser(m.unet, 64, 64), "epsilon", noise, _branches(m, prompts, None, settings), settings)
-    path = trajectory(m, 5)
+    path = trajectory(m, settings)
     assert path.clip and 0.9 < path.sigmas[0] < 1 and path.sigmas[-1] == 0 and len(path.sigmas) == 6
     text = CachedText(m.text)
     empty, cond = text.encode([""] * 2), text.encode(prompts)
