@@ -481,6 +481,76 @@ def prune(teacher, target, params, macs, width, importance, calib, seed, out):
                   f"-> {out}")
 
 
+def _stage_options(fn):
+    """Options every command that runs one training stage shares (the stage's fields, where it writes)."""
+    options = [
+        click.option("--config", type=click.Path(dir_okay=False), default=None,
+                     help="YAML: the stage's fields as in a recipe, or a recipe (its stage of this kind; --stage "
+                          "picks one by name). The command's model options replace its references to earlier stages."),
+        click.option("--stage", "stage_name", default=None, help="With a recipe as --config: the stage to take."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Set one field after --config: a dotted path, list entries by index, the value read as "
+                          "YAML (phases.0.train.steps=200, train.lr=3e-4); repeatable."),
+        click.option("--seed", type=int, default=None, help="Seed (default: the stage's seed:, else 0)."),
+        click.option("--out", type=click.Path(file_okay=False), required=True,
+                     help="The stage's folder: model/, metrics.json and train/ (checkpoints, log, loss curve). "
+                          "Built in OUT.partial; re-running resumes it."),
+        click.option("--restart", is_flag=True, help="Delete an earlier run of this stage in --out and start over."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run_alone(kind: str, given: dict, options: dict[str, str], config, stage_name, sets, seed, out, restart):
+    """Validate one ``kind`` stage from the command's options and run it alone (``dreamlite.recipe.run_alone``)."""
+    from .recipe import run_alone, stage_fields
+    st = stage_fields(kind, config, stage_name, sets, options, given)
+    seed = seed if seed is not None else st.seed if st.seed is not None else 0
+    run_alone(st, out, seed, restart, track=track, log=lambda m: console.print(m, highlight=False))
+    console.print(f"model: {Path(out) / 'model'}")
+
+
+@main.command(name="train-teacher")
+@click.option("--init", default=None, help="Continue from this model (zoo:NAME or a folder of the same preset).")
+@_stage_options
+def train_teacher_cmd(init, config, stage_name, sets, seed, out, restart):
+    """Train a server teacher text-to-image (stage kind train-teacher; e.g. --config recipes/shapes-teacher.yaml
+    --stage teacher)."""
+    _run_alone("train-teacher", {"init": init}, {"input": "--init"}, config, stage_name, sets, seed, out, restart)
+
+
+@main.command()
+@click.option("--student", default=None, help="The pruned student's model folder (e.g. a prune stage's model/).")
+@click.option("--teacher", default=None, help="zoo:NAME or a model folder to distil from (default: none).")
+@_stage_options
+def recover(student, teacher, config, stage_name, sets, seed, out, restart):
+    """Task-progressive recovery training of a pruned student (stage kind recover; e.g. --config
+    recipes/shapes-quick.yaml, or --set phases='[{task: t2i, train: {steps: 200, batch: 16}}]')."""
+    _run_alone("recover", {"student": student, "teacher": teacher}, {"input": "--student", "teacher_input": "--teacher"},
+               config, stage_name, sets, seed, out, restart)
+
+
+@main.command(name="reward-tune")
+@click.option("--model", default=None, help="The flow model (or epsilon server) to fine-tune.")
+@_stage_options
+def reward_tune_cmd(model, config, stage_name, sets, seed, out, restart):
+    """GRPO reward fine-tuning with the shapes judge as reward (stage kind reward-tune; e.g. --config
+    recipes/shapes-rl.yaml)."""
+    _run_alone("reward-tune", {"model": model}, {"input": "--model"}, config, stage_name, sets, seed, out, restart)
+
+
+@main.command(name="step-distill")
+@click.option("--model", default=None, help="The flow model to distil to few steps.")
+@click.option("--teacher", default=None, help="A flow model folder (default: --model itself, before training).")
+@_stage_options
+def step_distill_cmd(model, teacher, config, stage_name, sets, seed, out, restart):
+    """Distil a flow model to K steps, one U-Net call each, guidance distilled in (stage kind step-distill; e.g.
+    --set steps=4 --set train.steps=80)."""
+    _run_alone("step-distill", {"model": model, "teacher": teacher}, {"input": "--model", "teacher_input": "--teacher"},
+               config, stage_name, sets, seed, out, restart)
+
+
 BATCH_OPTION = click.option(
     "--batch", type=click.IntRange(1), default=None,
     help="Static batch (default: the guidance branches of --mode at the model's own guidance scales: 1 for a "

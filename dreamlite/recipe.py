@@ -217,47 +217,164 @@ def run_recipe(recipe_path, out, restart: bool = False, track=identity_track, lo
     for i, st in enumerate(recipe.stages):
         name = stage_name(st)
         folder = out / f"{i + 1:02d}-{name}"
-        work = folder.with_name(folder.name + ".partial")
         seed = st.seed if st.seed is not None else recipe.seed + i
-        if (folder / "metrics.json").is_file():
-            done = _unchanged(folder, st, before, seed)
-            before = done["fingerprint"]
-            log(f"[{i + 1}/{len(recipe.stages)}] {name}: done earlier, skipped")
-            rows.append(done | {"metrics": read_json(folder / "metrics.json")})
-            outputs[name] = folder
-            continue
-        if (work / "stage.json").is_file():  # interrupted: it resumes only with the settings it started with
-            _unchanged(work, st, before, seed)
-        before = _fingerprint(st.model_dump(mode="json"), before)
-        log(f"[{i + 1}/{len(recipe.stages)}] {name} ({st.kind}){': resuming' if work.exists() else ''}")
-        info = {"folder": folder.name, "kind": st.kind, "name": name, "fingerprint": before, "seed": seed,
-                "config": st.model_dump(mode="json")}
-        if procs.main:
-            work.mkdir(parents=True, exist_ok=True)
-            write_json(work / "stage.json", info)
-        procs.barrier()
-        _, fn = _STAGES[st.kind]
-        start = time.perf_counter()
-        metrics = {}
-        if procs.main or st.kind in _DISTRIBUTED:
-            metrics = fn(st, StageContext(work, seed, dict(outputs), track if procs.main else identity_track, log,
-                                          procs.main))
-        info["seconds"] = round(time.perf_counter() - start, 2)
-        procs.barrier()
-        if procs.main:
-            write_json(work / "stage.json", info)
-            write_json(work / "metrics.json", metrics)
-            os.replace(work, folder)
-        procs.barrier()
+        row = run_stage(st, folder, seed, before, outputs, f"[{i + 1}/{len(recipe.stages)}] {name}", procs, track,
+                        log)
+        before = row["fingerprint"]
         outputs[name] = folder
-        rows.append(info | {"metrics": metrics})
-        log(f"      {summary_line(metrics)}  ({info['seconds']} s)")
+        rows.append(row)
     report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": str(recipe_path),
               "seed": recipe.seed, "stages": rows}
     if procs.main:
         write_json(out / "report.json", report)
         write_text(out / "report.md", report_markdown(report))
     return report
+
+
+def run_stage(st: StageConfig, folder: Path, seed: int, before: str = "", outputs: dict[str, Path] | None = None,
+              title: str | None = None, procs: "_Processes | None" = None, track=identity_track, log=print) -> dict:
+    """Run (or resume, or skip as done) one stage into ``folder``: built in ``folder.partial`` and renamed when its
+    ``metrics.json`` is written. ``before``: the fingerprint of the stages before it (the chain a recipe checks);
+    ``outputs``: earlier stages' folders by name. Returns its report row (``stage.json`` with ``metrics``)."""
+    procs = procs or _Processes()
+    title = title or stage_name(st)
+    work = folder.with_name(folder.name + ".partial")
+    if (folder / "metrics.json").is_file():
+        done = _unchanged(folder, st, before, seed)
+        log(f"{title}: done earlier, skipped")
+        return done | {"metrics": read_json(folder / "metrics.json")}
+    if (work / "stage.json").is_file():  # interrupted: it resumes only with the settings it started with
+        _unchanged(work, st, before, seed)
+    log(f"{title} ({st.kind}){': resuming' if work.exists() else ''}")
+    info = {"folder": folder.name, "kind": st.kind, "name": stage_name(st),
+            "fingerprint": _fingerprint(st.model_dump(mode="json"), before), "seed": seed,
+            "config": st.model_dump(mode="json")}
+    if procs.main:
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / "stage.json", info)
+    procs.barrier()
+    _, fn = _STAGES[st.kind]
+    start = time.perf_counter()
+    metrics = {}
+    if procs.main or st.kind in _DISTRIBUTED:
+        metrics = fn(st, StageContext(work, seed, dict(outputs or {}), track if procs.main else identity_track, log,
+                                      procs.main))
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    procs.barrier()
+    if procs.main:
+        write_json(work / "stage.json", info)
+        write_json(work / "metrics.json", metrics)
+        os.replace(work, folder)
+    procs.barrier()
+    log(f"      {summary_line(metrics)}  ({info['seconds']} s)")
+    return info | {"metrics": metrics}
+
+
+# ------------------------------------------------------------------------------ one stage outside a recipe
+# Fields of a recipe stage that name earlier stages of that recipe; the command line names models instead.
+STAGE_REFERENCES = ("input", "teacher_input")
+
+
+def stage_fields(kind: str, config: str | None = None, stage: str | None = None, sets: tuple[str, ...] = (),
+                 options: dict[str, str] | None = None, given: dict | None = None) -> StageConfig:
+    """One ``kind`` stage's settings for running it alone (``run_stage``), validated by its schema: the fields of
+    ``config`` (a YAML mapping of the stage's fields, or a recipe whose stage named ``stage`` is taken, by default
+    its only stage of that kind), then each ``KEY=VALUE`` of ``sets`` (a dotted path, list entries by index, the
+    value read as YAML), then ``given`` (the command's own options, e.g. the model). A reference to an earlier
+    recipe stage (``input``, ``teacher_input``) must be replaced by the option ``options`` names for it."""
+    _load_builtin_stages()
+    options = options or {}
+    fields: dict = {}
+    if config is not None:
+        fields = _stage_from_file(Path(config), kind, stage)
+        needed = [r for r in STAGE_REFERENCES
+                  if r in fields and (given or {}).get(options.get(r, "").lstrip("-")) is None]
+        if needed:
+            raise DreamliteError(f"{config}: {needed[0]}: the stage reads an earlier stage "
+                                 f"({fields[needed[0]]!r}); give {options.get(needed[0], 'the model')}")
+        fields = {k: v for k, v in fields.items() if k not in STAGE_REFERENCES}
+    for item in sets:
+        _set(fields, item)
+    for ref in STAGE_REFERENCES:
+        if ref in fields:
+            raise DreamliteError(f"--set {ref}: names an earlier stage of a recipe; outside a recipe give "
+                                 f"{options.get(ref, 'the model')} instead")
+    fields |= {k: v for k, v in (given or {}).items() if v is not None}
+    cls, _ = _STAGES[kind]
+    try:
+        return cls.model_validate({**fields, "kind": kind})
+    except ValidationError as e:
+        err = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        where = _where(err["loc"]) if err["loc"] else kind
+        raise DreamliteError(f"{kind}: {where}: {err['msg']}{more}") from None
+
+
+def _stage_from_file(path: Path, kind: str, stage: str | None) -> dict:
+    if not path.is_file():
+        raise DreamliteError(f"{path}: config not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise DreamliteError(f"{path}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise DreamliteError(f"{path}: expected a mapping of the {kind} stage's fields, or a recipe")
+    if "stages" not in data:
+        if stage is not None:
+            raise DreamliteError(f"{path}: --stage {stage}: the file is one stage's fields, not a recipe")
+        if data.get("kind", kind) != kind:
+            raise DreamliteError(f"{path}: kind: {data['kind']!r}, this command runs {kind!r}")
+        return {k: v for k, v in data.items() if k != "kind"}
+    stages = parse_recipe(data, str(path)).stages
+    found = [st for st in stages if st.kind == kind and stage in (None, stage_name(st))]
+    if len(found) != 1:
+        names = [stage_name(st) for st in stages if st.kind == kind]
+        if not names:
+            raise DreamliteError(f"{path}: the recipe has no {kind} stage")
+        which = f"no {kind} stage named {stage!r}" if stage else f"{len(found)} {kind} stages"
+        raise DreamliteError(f"{path}: {which} (its {kind} stages: {', '.join(names)}); pick one with --stage")
+    return found[0].model_dump(exclude_unset=True, exclude={"kind", "name"})
+
+
+def _set(fields: dict, item: str) -> None:
+    """Apply ``a.b.0.c=VALUE`` to nested ``fields`` (dicts made as needed, lists indexed)."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key:
+        raise DreamliteError(f"--set {item}: expected KEY=VALUE (e.g. phases.0.train.steps=200)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise DreamliteError(f"--set {key}: {raw!r} is not a YAML value") from None
+    node, parts = fields, key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise DreamliteError(f"--set {key}: {'.'.join(parts[:i]) or part} has {len(node)} entries; "
+                                     f"{part!r} is not one of them")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise DreamliteError(f"--set {key}: {'.'.join(parts[:i])} is {node!r}, not a mapping or a list")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def run_alone(st: StageConfig, out, seed: int = 0, restart: bool = False, track=identity_track, log=print) -> dict:
+    """Run one stage outside a recipe into the folder ``out`` (its model in ``out/model``), with a recipe stage's
+    guarantees: built in ``out.partial`` and renamed when done, resumed when interrupted, refused (unless
+    ``restart``) when ``out`` holds a stage run with other settings. Returns its report row."""
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    for folder in (out, work):
+        if folder.exists() and not (folder / "stage.json").is_file() and any(folder.iterdir()):
+            raise DreamliteError(f"{folder}: exists and is not a stage's folder; choose another --out")
+        if restart and folder.exists():
+            shutil.rmtree(folder)
+    return run_stage(st, out, seed, track=track, log=log)
 
 
 def _clear_run(out: Path) -> None:
