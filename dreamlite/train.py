@@ -13,7 +13,9 @@ import csv
 import json
 import math
 import multiprocessing
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -24,11 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fsdp import Sharded, destroy_process_group_at_exit, fsdp_requested, like, whole
-from .io import DreamliteError, atomic_path, identity_track
+from .io import DreamliteError, DreamliteWarning, atomic_path, identity_track
 from .precision import warn_if_bf16_slow
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # what mpirun sets (accelerate reads them)
 UNSUPPORTED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
@@ -204,13 +207,30 @@ def _truncate_log(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------------------------------- the loop
 def check_launch() -> None:
     """Refuse launch modes the loop does not drive (``accelerate launch`` with DeepSpeed or Megatron-LM) before
-    anything is loaded. FSDP (``--use_fsdp``) is driven by the loop itself (``dreamlite.fsdp``)."""
+    anything is loaded, and say so when ``--cpu`` asked for processes that were not started. FSDP (``--use_fsdp``)
+    is driven by the loop itself (``dreamlite.fsdp``)."""
     from accelerate.utils import parse_flag_from_env
 
     for var, name in UNSUPPORTED_LAUNCH.items():
         if parse_flag_from_env(var):
             raise DreamliteError(f"accelerate: {name} is not supported by the training loop; launch with FSDP "
                                  "(--use_fsdp), DDP (--multi_gpu) or one process")
+    if cpu_launch_started_one_process():
+        warnings.warn("accelerate launch --cpu asked for several processes and started one (accelerate starts CPU "
+                      "processes only through mpirun, with --mpirun_hostfile): this run trains the whole global "
+                      f"batch in one process (the same samples and losses) on {torch.get_num_threads()} thread(s); "
+                      "for N processes on CPU use accelerate launch --multi_gpu --num_processes N (gloo)",
+                      DreamliteWarning, stacklevel=2)
+
+
+def cpu_launch_started_one_process() -> bool:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) without an MPI hostfile: accelerate sets the rendezvous
+    address (and OMP_NUM_THREADS) for N processes, then starts one, without WORLD_SIZE or an MPI rank count."""
+    from accelerate.utils import parse_flag_from_env
+
+    env = os.environ
+    return (parse_flag_from_env("ACCELERATE_USE_CPU") and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+            and not any(k in env for k in MPI_SIZE_VARS))
 
 
 def fit(task: nn.Module, batches: Callable[[int], dict], s: TrainSettings, folder, track=identity_track,

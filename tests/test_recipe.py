@@ -391,11 +391,14 @@ def one_process(tiny_folders, tmp_path_factory):
 
 @pytest.mark.parametrize("launch, shown", [(["--multi_gpu"], "2 processes (MULTI_CPU)"),
                                            (["--use_fsdp", "--fsdp_version", "2"],
-                                            "FSDP2: student, projector sharded over 2 processes")])
+                                            "FSDP2: student, projector sharded over 2 processes"),
+                                           (["--cpu"], "Warning: accelerate launch --cpu asked for several "
+                                                       "processes and started one")])
 def test_two_processes_follow_one_process(tmp_path, tiny_folders, one_process, launch, shown):
     """`accelerate launch` with 2 processes (torchrun; gloo on CPU), as DDP or with the trained modules sharded
     (FSDP2), logs the same losses as one process with the same global batch, writes the same weights, and the same
-    checkpoints (so either kind of run resumes the other's)."""
+    checkpoints (so either kind of run resumes the other's). With --cpu, accelerate starts one process (it needs an
+    MPI hostfile for more): the run says so and trains as one process does."""
     import subprocess
     import sys
     from safetensors import safe_open
