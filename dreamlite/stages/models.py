@@ -140,10 +140,29 @@ class ModelInput(StageConfig):
         return self
 
     def inputs(self) -> list[str]:
-        return [self.input] if self.input else []
+        return [*super().inputs(), *([self.input] if self.input else [])]
 
     def source(self, ctx: StageContext) -> str:
         return self.model or stage_model(ctx, self.input)
+
+
+class TeacherInput(StageConfig):
+    """A stage that learns from a teacher: an earlier stage's model (``teacher_input``) or one named (``teacher``);
+    the stage says what it does with neither."""
+    teacher_input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher")
+    teacher: str | None = Field(None, description="or: zoo:NAME or a model folder")
+
+    @model_validator(mode="after")
+    def _one_teacher(self):
+        if self.teacher_input is not None and self.teacher is not None:
+            raise ValueError("give at most one of teacher_input and teacher")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [*super().inputs(), *([self.teacher_input] if self.teacher_input else [])]
+
+    def teacher_source(self, ctx: StageContext) -> str | None:
+        return stage_model(ctx, self.teacher_input) if self.teacher_input else self.teacher
 
 
 class BenchStage(ModelInput):

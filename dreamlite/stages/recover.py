@@ -7,17 +7,16 @@ import torch
 from pydantic import Field, model_validator
 
 from dreamlite.compress.distill.config import Phase
-from dreamlite.recipe import StageConfig, StageContext, stage
+from dreamlite.recipe import StageContext, stage
 
-from .models import SamplerDefaults, stage_model
+from .models import SamplerDefaults, TeacherInput, stage_model
 
 
-class RecoverStage(StageConfig):
+class RecoverStage(TeacherInput):
+    """Without a teacher (neither ``teacher`` nor ``teacher_input``) the student trains on the task loss alone."""
     kind: Literal["recover"]
     input: str | None = Field(None, description="earlier stage whose model/ folder is the student (a prune stage)")
     student: str | None = Field(None, description="or: a model folder")
-    teacher_input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher")
-    teacher: str | None = Field(None, description="or: zoo:NAME, a model folder, or none for no distillation")
     data: str = Field("shapes", description="'shapes' (the shapes world) or a folder with t2i.jsonl / edit.jsonl")
     phases: list[Phase] = Field(min_length=1, description="sub-stages in order: t2i, edit, joint")
     sigma_sampling: Literal["uniform", "logit-normal"] = "logit-normal"
@@ -30,15 +29,13 @@ class RecoverStage(StageConfig):
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
 
     @model_validator(mode="after")
-    def _one_each(self):
+    def _one_student(self):
         if (self.input is None) == (self.student is None):
             raise ValueError("give exactly one of input (an earlier stage) and student")
-        if self.teacher_input is not None and self.teacher is not None:
-            raise ValueError("give at most one of teacher_input and teacher")
         return self
 
     def inputs(self) -> list[str]:
-        return [n for n in (self.input, self.teacher_input) if n]
+        return [*([self.input] if self.input else []), *super().inputs()]
 
 
 @stage(RecoverStage, distributed=True)
@@ -52,7 +49,7 @@ def run_recover(cfg: RecoverStage, ctx: StageContext) -> dict:
 
     check_launch()  # before loading anything: a DeepSpeed launch would fail only after the held-out losses
     student = load_bundle(stage_model(ctx, cfg.input) if cfg.input else cfg.student)
-    spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher
+    spec = cfg.teacher_source(ctx)
     teacher = load_bundle(spec) if spec else None
     data = data_source(cfg.data, student.image_size)
     tasks = {t for p in cfg.phases for t in (("t2i", "edit") if p.task == "joint" else (p.task,))}  # what data has

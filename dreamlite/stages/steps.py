@@ -5,33 +5,22 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from dreamlite.compress.distill.steps import StepSettings
 from dreamlite.recipe import StageContext, stage
 
-from .models import ModelInput, stage_model
+from .models import ModelInput, TeacherInput
 
 
-class StepDistillStage(ModelInput, StepSettings):
+class StepDistillStage(ModelInput, TeacherInput, StepSettings):
+    """The teacher is a flow model; without one, the model being distilled, as it was before training."""
     kind: Literal["step-distill"]
-    teacher_input: str | None = Field(None, description="earlier stage whose model/ folder is the teacher "
-                                                        "(default: the model being distilled, before training)")
-    teacher: str | None = Field(None, description="or: a flow model folder")
     data: str = Field("shapes", description="'shapes' (the shapes world) or a folder with t2i.jsonl / edit.jsonl")
     held_out: int = Field(4, ge=0, description="prompts per GenEval tag (and edits per ImgEdit type) on which the "
                                              "stage measures how far K-step sampling lands from the teacher's, "
                                              "before and after (0: none)")
     save_dtype: Literal["fp32", "fp16"] = "fp32"
-
-    @model_validator(mode="after")
-    def _one_teacher(self):
-        if self.teacher_input is not None and self.teacher is not None:
-            raise ValueError("give at most one of teacher_input and teacher")
-        return self
-
-    def inputs(self) -> list[str]:
-        return [n for n in (self.input, self.teacher_input) if n]
 
 
 @stage(StepDistillStage, distributed=True)
@@ -44,8 +33,7 @@ def run_step_distill(cfg: StepDistillStage, ctx: StageContext) -> dict:
     check_launch()
     source = cfg.source(ctx)
     student = load_bundle(source)
-    spec = stage_model(ctx, cfg.teacher_input) if cfg.teacher_input else cfg.teacher or source
-    teacher = load_bundle(spec)
+    teacher = load_bundle(cfg.teacher_source(ctx) or source)
     settings = StepSettings(**cfg.model_dump(include=set(StepSettings.model_fields)))
     measure = ctx.main and cfg.held_out > 0
     gaps = {}
