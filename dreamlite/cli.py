@@ -502,10 +502,11 @@ def _stage_options(fn):
     return fn
 
 
-def _run_alone(kind: str, given: dict, options: dict[str, str], config, stage_name, sets, seed, out, restart):
-    """Validate one ``kind`` stage from the command's options and run it alone (``dreamlite.recipe.run_alone``)."""
+def _run_alone(kind: str, given: dict, replaces: dict[str, str], config, stage_name, sets, seed, out, restart):
+    """Validate one ``kind`` stage from the command's options and run it alone (``dreamlite.recipe.run_alone``);
+    ``replaces``: which option names the model a recipe's reference to an earlier stage named."""
     from .recipe import run_alone, stage_fields
-    st = stage_fields(kind, config, stage_name, sets, options, given)
+    st = stage_fields(kind, config, stage_name, sets, given, replaces)
     seed = seed if seed is not None else st.seed if st.seed is not None else 0
     run_alone(st, out, seed, restart, track=track, log=lambda m: console.print(m, highlight=False))
     console.print(f"model: {Path(out) / 'model'}")
@@ -517,7 +518,7 @@ def _run_alone(kind: str, given: dict, options: dict[str, str], config, stage_na
 def train_teacher_cmd(init, config, stage_name, sets, seed, out, restart):
     """Train a server teacher text-to-image (stage kind train-teacher; e.g. --config recipes/shapes-teacher.yaml
     --stage teacher)."""
-    _run_alone("train-teacher", {"init": init}, {"input": "--init"}, config, stage_name, sets, seed, out, restart)
+    _run_alone("train-teacher", {"init": init}, {"input": "init"}, config, stage_name, sets, seed, out, restart)
 
 
 @main.command()
@@ -527,7 +528,7 @@ def train_teacher_cmd(init, config, stage_name, sets, seed, out, restart):
 def recover(student, teacher, config, stage_name, sets, seed, out, restart):
     """Task-progressive recovery training of a pruned student (stage kind recover; e.g. --config
     recipes/shapes-quick.yaml, or --set phases='[{task: t2i, train: {steps: 200, batch: 16}}]')."""
-    _run_alone("recover", {"student": student, "teacher": teacher}, {"input": "--student", "teacher_input": "--teacher"},
+    _run_alone("recover", {"student": student, "teacher": teacher}, {"input": "student", "teacher_input": "teacher"},
                config, stage_name, sets, seed, out, restart)
 
 
@@ -537,7 +538,7 @@ def recover(student, teacher, config, stage_name, sets, seed, out, restart):
 def reward_tune_cmd(model, config, stage_name, sets, seed, out, restart):
     """GRPO reward fine-tuning with the shapes judge as reward (stage kind reward-tune; e.g. --config
     recipes/shapes-rl.yaml)."""
-    _run_alone("reward-tune", {"model": model}, {"input": "--model"}, config, stage_name, sets, seed, out, restart)
+    _run_alone("reward-tune", {"model": model}, {"input": "model"}, config, stage_name, sets, seed, out, restart)
 
 
 @main.command(name="step-distill")
@@ -547,7 +548,7 @@ def reward_tune_cmd(model, config, stage_name, sets, seed, out, restart):
 def step_distill_cmd(model, teacher, config, stage_name, sets, seed, out, restart):
     """Distil a flow model to K steps, one U-Net call each, guidance distilled in (stage kind step-distill; e.g.
     --set steps=4 --set train.steps=80)."""
-    _run_alone("step-distill", {"model": model, "teacher": teacher}, {"input": "--model", "teacher_input": "--teacher"},
+    _run_alone("step-distill", {"model": model, "teacher": teacher}, {"input": "model", "teacher_input": "teacher"},
                config, stage_name, sets, seed, out, restart)
 
 

@@ -142,16 +142,19 @@ def parse_recipe(data: object, source: str = "recipe"):
 
 
 def load_recipe(path):
-    path = Path(path)
+    return parse_recipe(_read_yaml(Path(path), "recipe"), str(path))
+
+
+def _read_yaml(path: Path, what: str) -> object:
+    """A YAML file's data (``yaml.safe_load``: data only, nothing runs); a missing file or bad YAML is one line."""
     if not path.is_file():
-        raise DreamliteError(f"{path}: recipe not found")
+        raise DreamliteError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""
         raise DreamliteError(f"{path}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    return parse_recipe(data, str(path))
 
 
 def stage_name(st: StageConfig) -> str:
@@ -276,33 +279,32 @@ STAGE_REFERENCES = ("input", "teacher_input")
 
 
 def stage_fields(kind: str, config: str | None = None, stage: str | None = None, sets: tuple[str, ...] = (),
-                 options: dict[str, str] | None = None, given: dict | None = None) -> StageConfig:
-    """One ``kind`` stage's settings for running it alone (``run_stage``), validated by its schema: the fields of
+                 given: dict | None = None, replaces: dict[str, str] | None = None) -> StageConfig:
+    """One ``kind`` stage's settings for running it alone (``run_alone``), validated by its schema: the fields of
     ``config`` (a YAML mapping of the stage's fields, or a recipe whose stage named ``stage`` is taken, by default
     its only stage of that kind), then each ``KEY=VALUE`` of ``sets`` (a dotted path, list entries by index, the
-    value read as YAML), then ``given`` (the command's own options, e.g. the model). A reference to an earlier
-    recipe stage (``input``, ``teacher_input``) must be replaced by the option ``options`` names for it."""
+    value read as YAML), then ``given`` (the command's own options, e.g. the model; None: not given). ``replaces``
+    maps a reference to an earlier recipe stage (``input``, ``teacher_input``) to the field of ``given`` that
+    names the model instead: a config's reference needs it given."""
     _load_builtin_stages()
-    options = options or {}
+    given, replaces = {k: v for k, v in (given or {}).items() if v is not None}, replaces or {}
     fields: dict = {}
     if config is not None:
         fields = _stage_from_file(Path(config), kind, stage)
-        needed = [r for r in STAGE_REFERENCES
-                  if r in fields and (given or {}).get(options.get(r, "").lstrip("-")) is None]
-        if needed:
-            raise DreamliteError(f"{config}: {needed[0]}: the stage reads an earlier stage "
-                                 f"({fields[needed[0]]!r}); give {options.get(needed[0], 'the model')}")
+        for ref in STAGE_REFERENCES:
+            if ref in fields and replaces.get(ref) not in given:
+                raise DreamliteError(f"{config}: {ref}: the stage reads an earlier stage ({fields[ref]!r}); give "
+                                     f"--{replaces.get(ref, 'model')}")
         fields = {k: v for k, v in fields.items() if k not in STAGE_REFERENCES}
     for item in sets:
         _set(fields, item)
     for ref in STAGE_REFERENCES:
         if ref in fields:
             raise DreamliteError(f"--set {ref}: names an earlier stage of a recipe; outside a recipe give "
-                                 f"{options.get(ref, 'the model')} instead")
-    fields |= {k: v for k, v in (given or {}).items() if v is not None}
+                                 f"--{replaces.get(ref, 'model')} instead")
     cls, _ = _STAGES[kind]
     try:
-        return cls.model_validate({**fields, "kind": kind})
+        return cls.model_validate({**fields, **given, "kind": kind})
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
@@ -311,12 +313,7 @@ def stage_fields(kind: str, config: str | None = None, stage: str | None = None,
 
 
 def _stage_from_file(path: Path, kind: str, stage: str | None) -> dict:
-    if not path.is_file():
-        raise DreamliteError(f"{path}: config not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise DreamliteError(f"{path}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = _read_yaml(path, "config")
     if not isinstance(data, dict):
         raise DreamliteError(f"{path}: expected a mapping of the {kind} stage's fields, or a recipe")
     if "stages" not in data:
