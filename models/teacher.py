@@ -31,8 +31,14 @@ SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end":
                  "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 # DDPM's pixel-space schedule (Ho et al. 2020), otherwise the same.
 LINEAR_SCHEDULE = {**SDXL_SCHEDULE, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-SCHEDULES = {"sdxl": SDXL_SCHEDULE, "linear": LINEAR_SCHEDULE}
-Schedule = Literal["sdxl", "linear"]
+# SDXL's with zero terminal SNR (Lin et al. 2023, diffusers' rescale_betas_zero_snr): t = 999 is pure noise, as
+# sampling starts. On SDXL's own schedule a training input at t = 999 still holds sqrt(0.0047) of the image, and on
+# the 48 correlated channels of the pixel-unshuffle latent that is enough to place the objects: a model learns to
+# read the layout from its input there and, from pure noise, reads it from the noise instead of the text
+# (docs/models.md). Needs v-prediction (epsilon says nothing about the image at SNR 0).
+ZERO_SNR_SCHEDULE = {**SDXL_SCHEDULE, "rescale_betas_zero_snr": True}
+SCHEDULES = {"sdxl": SDXL_SCHEDULE, "linear": LINEAR_SCHEDULE, "zero-snr": ZERO_SNR_SCHEDULE}
+Schedule = Literal["sdxl", "linear", "zero-snr"]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:

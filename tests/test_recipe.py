@@ -187,7 +187,10 @@ def test_teacher_starts_from_one_model_at_most(tmp_path):
     ({"tag_weights": {t: 0 for t in GEN_TAGS}}, "every tag weighs 0"),
     ({"snr_floor": 8.0}, "snr_floor 8.0 is above snr_gamma 5.0"),
     ({"sampler": {"flow_shift": 3}}, "sampler.flow_shift: applies to flow-matching models; this teacher predicts "
-                                     "epsilon")])
+                                     "epsilon"),
+    ({"schedule": "zero-snr"}, "schedule: zero-snr needs prediction: v"),
+    ({"schedule": "zero-snr", "prediction": "v"}, "snr_floor: with schedule zero-snr the Min-SNR weight of t = 999 "
+                                                  "is 0")])
 def test_teacher_settings_are_checked_before_training(tmp_path, settings, message):
     data = {"name": "mix", "stages": [{"kind": "train-teacher", **settings, "train": {"steps": 1}}]}
     with pytest.raises(DreamliteError, match=message):

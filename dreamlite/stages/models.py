@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dreamlite.evaluation.shapes.world import GEN_TAGS
 from dreamlite.io import DreamliteError, write_json
 from dreamlite.models.sampler import Scheduler
+from dreamlite.models.teacher import Schedule
 from dreamlite.recipe import StageConfig, StageContext, stage
 from dreamlite.train import TrainSettings, fit
 
@@ -49,7 +50,7 @@ class TrainTeacherStage(StageConfig):
                                                         "word's state must tell its colour, count and side")
     prediction: Literal["epsilon", "v"] = Field("epsilon", description="what the U-Net predicts: SDXL's epsilon, or "
                                                  "v (a continuation from an epsilon model re-learns its output)")
-    schedule: Literal["sdxl", "linear"] | None = Field(
+    schedule: Schedule | None = Field(
         None, description="discrete noise schedule (default: the preset's; recorded in the model's dreamlite.json)")
     save_dtype: Literal["fp32", "fp16"] = "fp16"
     sampler: SamplerDefaults | None = Field(None, description="sampling defaults recorded in the model's dreamlite.json")
@@ -65,6 +66,11 @@ class TrainTeacherStage(StageConfig):
             raise ValueError(f"snr_floor {self.snr_floor} is above snr_gamma {self.snr_gamma}")
         if self.tag_weights is not None and not any(self.weights()):
             raise ValueError("tag_weights: every tag weighs 0")
+        if self.schedule == "zero-snr" and self.prediction != "v":
+            raise ValueError("schedule: zero-snr needs prediction: v (at SNR 0 the noise says nothing about the image)")
+        if self.schedule == "zero-snr" and self.snr_gamma is not None and self.snr_floor is None:
+            raise ValueError("snr_floor: with schedule zero-snr the Min-SNR weight of t = 999 is 0, so the step that "
+                             "starts sampling would not be trained; set snr_floor (1: truncated SNR) or snr_gamma: null")
         if self.sampler is not None and self.sampler.flow_shift != 1:
             raise ValueError(f"sampler.flow_shift: applies to flow-matching models; this teacher predicts "
                              f"{self.prediction}")

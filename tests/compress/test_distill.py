@@ -397,3 +397,12 @@ def test_held_out_losses_read_only_the_tasks_the_data_has(tmp_path):
     assert data.tasks == ("t2i",)  # what it has, as the CLI's held-out passes on
     out = held_out_losses(tiny_bundle("shapes-mobile"), data, n=2, sigmas=(0.5,), tasks=data.tasks)
     assert set(out) == {"t2i"}
+
+
+def test_a_zero_snr_teacher_is_refused_before_training(tiny_server, tiny_mobile):
+    """The recover stage converts the teacher to a flow velocity at equal SNR, which the zero-snr schedule's pure-noise
+    end does not have: one line before anything trains, not NaN losses."""
+    from dreamlite.compress.distill.recover import check_pair
+    tiny_server.prediction, tiny_server.meta["schedule"] = "v", "zero-snr"
+    with pytest.raises(DreamliteError, match="teacher: .*zero-snr schedule; distilling from it is not supported"):
+        check_pair(tiny_mobile, tiny_server, edits=True)

@@ -132,7 +132,8 @@ def test_onnx_runtime_export_samples_the_same_images(which, request, tmp_path):
     assert torch.allclose(torch_latents, ort_latents, atol=1e-3)
 
 
-@pytest.mark.parametrize("schedule,prediction", [("sdxl", "epsilon"), ("linear", "epsilon"), ("sdxl", "v")])
+@pytest.mark.parametrize("schedule,prediction", [("sdxl", "epsilon"), ("linear", "epsilon"), ("sdxl", "v"),
+                                                 ("zero-snr", "v")])
 def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule, prediction):
     """An oracle denoiser (the exact noise, or v, of a known clean latent) must lead DDIM to that latent, with no
     noise left from the last step."""
@@ -151,3 +152,26 @@ def test_ddim_with_the_true_noise_returns_the_clean_latent(schedule, prediction)
     text = TextStates(torch.zeros(1, 2, 4), torch.zeros(1, 4))
     out = denoise(oracle, prediction, torch.randn_like(x0), [(text, None)], SamplerSettings(steps=10, cfg=1), schedule)
     assert (out - x0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["ddim", "euler", "ddpm", "dpm-sde"])
+def test_every_sampler_starts_from_pure_noise_on_the_zero_snr_schedule(kind):
+    """On the zero-snr schedule t = 999 is pure noise (alpha_bar 0): a v model's oracle (v = -x0 there) leads every
+    sampler to its clean latent, with nothing infinite on the way (Euler and DPM-Solver replace the 0 by 2^-24)."""
+    from diffusers import DDPMScheduler
+    from dreamlite.models.teacher import SCHEDULES
+    from dreamlite.models.text import TextStates
+
+    ac = DDPMScheduler.from_config(SCHEDULES["zero-snr"]).alphas_cumprod
+    assert ac[-1] == 0 and ac[-2] > 0
+    x0 = torch.rand(1, 48, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def oracle(x, t, text):
+        a = ac[t.long()].view(-1, 1, 1, 1)
+        return a.sqrt() * (x - a.sqrt() * x0) / (1 - a).sqrt() - (1 - a).sqrt() * x0
+
+    text = TextStates(torch.zeros(1, 2, 4), torch.zeros(1, 4))
+    s = SamplerSettings(steps=10, cfg=1, scheduler=kind)
+    out = denoise(oracle, "v", initial_noise((1, 48, 16, 16), 0), [(text, None)], s, "zero-snr",
+                  generators=[torch.Generator().manual_seed(1)])
+    assert torch.isfinite(out).all() and (out - x0).abs().max() < 1e-2
