@@ -74,8 +74,14 @@ class EpsilonToFlow:
     def for_schedule(cls, schedule: str = "sdxl") -> "EpsilonToFlow":
         from diffusers import DDPMScheduler
 
+        from dreamlite.io import DreamliteError
         from dreamlite.models.teacher import SCHEDULES
-        return cls(DDPMScheduler.from_config(SCHEDULES[schedule]).alphas_cumprod)
+        alphas_cumprod = DDPMScheduler.from_config(SCHEDULES[schedule]).alphas_cumprod
+        if alphas_cumprod[-1] == 0:
+            raise DreamliteError(f"schedule {schedule}: a model trained on it cannot be seen as a flow velocity yet "
+                                 "(distillation, reward tuning, held-out losses): its timestep of equal SNR is "
+                                 "undefined at sigma 1")
+        return cls(alphas_cumprod)
 
     @staticmethod
     def sigma_of(log_snr: torch.Tensor) -> torch.Tensor:

@@ -231,9 +231,11 @@ def check_pair(student_bundle, teacher_bundle, edits: bool) -> None:
     if teacher_bundle is None:
         return
     tb = teacher_bundle
-    if tb.prediction != "flow" and tb.schedule == "zero-snr":
-        raise DreamliteError(f"teacher: {tb.name} is trained on the zero-snr schedule; distilling from it is not "
-                             "supported yet (its timestep of equal SNR is undefined at sigma 1)")
+    if tb.prediction != "flow":
+        try:
+            EpsilonToFlow.for_schedule(tb.schedule)  # before training: a schedule the conversion cannot take
+        except DreamliteError as e:
+            raise DreamliteError(f"teacher: {tb.name}: {e}") from None
     t_wants = tb.unet.config.get("encoder_hid_dim") or tb.unet.config["cross_attention_dim"]
     if t_wants != text_width:
         raise DreamliteError(f"teacher: {tb.name} takes {t_wants}-wide text states and the student's text encoder "

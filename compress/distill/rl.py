@@ -239,6 +239,8 @@ def check_rl(model, s: RLSettings, source) -> SamplerSettings:
         raise DreamliteError(f"edit_fraction: {model.name} cannot edit (a {type(model.unet).__name__} without "
                              "in-context width); set edit_fraction: 0")
     check_pair(model, None, edit_groups > 0)
+    if model.prediction != "flow":  # the rollout sees a server on the flow path
+        EpsilonToFlow.for_schedule(model.schedule)
     if edit_groups and "edit" not in source.tasks:
         raise DreamliteError("edit_fraction: the reward source has no edits; set edit_fraction: 0")
     return t

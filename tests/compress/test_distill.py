@@ -404,5 +404,14 @@ def test_a_zero_snr_teacher_is_refused_before_training(tiny_server, tiny_mobile)
     end does not have: one line before anything trains, not NaN losses."""
     from dreamlite.compress.distill.recover import check_pair
     tiny_server.prediction, tiny_server.meta["schedule"] = "v", "zero-snr"
-    with pytest.raises(DreamliteError, match="teacher: .*zero-snr schedule; distilling from it is not supported"):
+    with pytest.raises(DreamliteError, match="teacher: .*schedule zero-snr: a model trained on it cannot be seen as a flow velocity"):
         check_pair(tiny_mobile, tiny_server, edits=True)
+
+
+def test_reward_tuning_a_zero_snr_server_is_refused_in_one_line(tiny_server):
+    from dreamlite.compress.distill.rl import RLSettings, check_rl
+    from dreamlite.evaluation.rewards import ShapesRewards
+    tiny_server.prediction, tiny_server.meta["schedule"] = "v", "zero-snr"
+    settings = RLSettings(steps=4, sde_steps=1, group=2, edit_fraction=0, train={"steps": 1, "batch": 4})
+    with pytest.raises(DreamliteError, match="schedule zero-snr: a model trained on it cannot be seen as a flow"):
+        check_rl(tiny_server, settings, ShapesRewards(64))
