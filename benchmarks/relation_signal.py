@@ -70,11 +70,10 @@ def truth(n: int, seed: int, size: int = 64) -> tuple[tuple[float, float], tuple
 
 
 @torch.no_grad()
-def signal(spec: str, n: int, seed: int, cfg: float) -> tuple[float, float]:
+def signal(bundle, n: int, seed: int, cfg: float) -> tuple[float, float]:
     """(mean signed separation, fraction of estimates with red on the named side) over every pair and relation."""
     from diffusers import DDPMScheduler
 
-    bundle = load_bundle(spec)
     unet = bundle.unet.float().eval()
     a = DDPMScheduler.from_config(SCHEDULES[bundle.schedule]).alphas_cumprod[999]
     size, latent = bundle.image_size, bundle.latent_size()
@@ -105,7 +104,7 @@ def main():
     print("| rendered scenes that satisfy each prompt | %.4f | %.3f |" % scenes)
     print("| their mean per prompt (the ideal first estimate, E[x0 | prompt]) | %.4f | %.3f |" % mean)
     for spec in args.model:
-        sep, side = signal(spec, args.n, args.seed, args.cfg)
+        sep, side = signal(load_bundle(spec), args.n, args.seed, args.cfg)
         print(f"| {spec} | {sep:.4f} | {side:.3f} |")
 
 

@@ -32,10 +32,9 @@ from dreamlite.models.text import BindingHead
 from dreamlite.train import EMA, TrainSettings, lr_at
 
 
-def copy_model(src, out, **meta):
-    """``src``'s folder (a zoo: name or a folder) copied to ``out`` with its dreamlite.json updated."""
-    folder = load_bundle(src).folder
-    shutil.copytree(folder, out, dirs_exist_ok=True)
+def copy_model(bundle, out, **meta):
+    """The loaded ``bundle``'s folder copied to ``out`` with its dreamlite.json updated."""
+    shutil.copytree(bundle.folder, out, dirs_exist_ok=True)
     write_json(f"{out}/dreamlite.json", {**read_json(f"{out}/dreamlite.json"), **meta})
 
 
@@ -59,7 +58,7 @@ def bind(args):
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: binding {loss.item() - args.anchor * drift.item():.3f}, drift {drift.item():.4f}")
-    copy_model(args.model, args.out)
+    copy_model(b, args.out)
     enc.eval().save_pretrained(f"{args.out}/text_encoder")
 
 
@@ -95,8 +94,7 @@ def high_noise(args):
             live = {k: p.detach().clone() for k, p in params.items()}
             ema.copy_to(unet)
             unet.eval()
-            relation_signal.load_bundle = lambda spec: b
-            sep, side = relation_signal.signal("", 16, 1, 5.0)
+            sep, side = relation_signal.signal(b, 16, 1, 5.0)
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(live[k])
@@ -104,7 +102,7 @@ def high_noise(args):
             print(f"step {step + 1}: loss {loss.item():.4f}, relation separation {sep:.4f}, named side {side:.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     ema.copy_to(unet)
-    copy_model(args.model, args.out, prediction="v", schedule=args.schedule)
+    copy_model(b, args.out, prediction="v", schedule=args.schedule)
     unet.eval().save_pretrained(args.out)
 
 

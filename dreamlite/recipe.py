@@ -110,6 +110,13 @@ def recipe_model() -> type[BaseModel]:
     return model
 
 
+def _first_error(e: ValidationError, source: str, whole: str) -> str:
+    """Pydantic's first error as one line naming the field (``whole`` when it is about the whole object)."""
+    err = e.errors()[0]
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: {_where(err['loc']) if err['loc'] else whole}: {err['msg']}{more}"
+
+
 def _where(loc) -> str:
     out = ""
     for part in loc:
@@ -126,9 +133,7 @@ def parse_recipe(data: object, source: str = "recipe"):
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise DreamliteError(f"{source}: {_where(err['loc'])}: {err['msg']}{more}") from None
+        raise DreamliteError(_first_error(e, source, "recipe")) from None
     names = set()
     for i, st in enumerate(recipe.stages):
         for ref in st.inputs():
@@ -249,9 +254,9 @@ def run_stage(st: StageConfig, folder: Path, seed: int, before: str = "", output
     if (work / "stage.json").is_file():  # interrupted: it resumes only with the settings it started with
         _unchanged(work, st, before, seed)
     log(f"{title} ({st.kind}){': resuming' if work.exists() else ''}")
+    config = st.model_dump(mode="json")
     info = {"folder": folder.name, "kind": st.kind, "name": stage_name(st),
-            "fingerprint": _fingerprint(st.model_dump(mode="json"), before), "seed": seed,
-            "config": st.model_dump(mode="json")}
+            "fingerprint": _fingerprint(config, before), "seed": seed, "config": config}
     if procs.main:
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / "stage.json", info)
@@ -306,10 +311,7 @@ def stage_fields(kind: str, config: str | None = None, stage: str | None = None,
     try:
         return cls.model_validate({**fields, **given, "kind": kind})
     except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        where = _where(err["loc"]) if err["loc"] else kind
-        raise DreamliteError(f"{kind}: {where}: {err['msg']}{more}") from None
+        raise DreamliteError(_first_error(e, kind, kind)) from None
 
 
 def _stage_from_file(path: Path, kind: str, stage: str | None) -> dict:

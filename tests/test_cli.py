@@ -161,7 +161,8 @@ def test_step_distill_alone_from_options_and_a_stage_file(tmp_path, tiny_folders
     (["recover", "--student", "x", "--set", "phases=[{task: t2j, train: {steps: 1}}]"], "recover: phases[0].task"),
     (["recover", "--config", "recipes/shapes-quick.yaml"], "input: the stage reads an earlier stage ('prune'); give "
                                                           "--student"),
-    (["step-distill", "--model", "x", "--config", "recipes/shapes-teacher.yaml"], "recipes/shapes-teacher.yaml: the recipe has no step-distill stage"),
+    (["step-distill", "--model", "x", "--config", "recipes/shapes-teacher.yaml"],
+     "recipes/shapes-teacher.yaml: the recipe has no step-distill stage"),
     (["reward-tune", "--model", "x", "--config", "recipes/shapes-rl.yaml", "--stage", "tune"],
      "no reward-tune stage named 'tune' (its reward-tune stages: rl)"),
     (["recover", "--student", "x", "--config", "missing.yaml"], "missing.yaml: config not found"),

@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from dreamlite.io import DreamliteError
+
 SigmaSampling = Literal["uniform", "logit-normal"]
 
 
@@ -74,7 +76,6 @@ class EpsilonToFlow:
     def for_schedule(cls, schedule: str = "sdxl") -> "EpsilonToFlow":
         from diffusers import DDPMScheduler
 
-        from dreamlite.io import DreamliteError
         from dreamlite.models.teacher import SCHEDULES
         alphas_cumprod = DDPMScheduler.from_config(SCHEDULES[schedule]).alphas_cumprod
         if alphas_cumprod[-1] == 0:

@@ -69,8 +69,9 @@ class TrainTeacherStage(StageConfig):
         if self.schedule == "zero-snr" and self.prediction != "v":
             raise ValueError("schedule: zero-snr needs prediction: v (at SNR 0 the noise says nothing about the image)")
         if self.schedule == "zero-snr" and self.snr_gamma is not None and self.snr_floor is None:
-            raise ValueError("snr_floor: with schedule zero-snr the Min-SNR weight of t = 999 is 0, so the step that "
-                             "starts sampling would not be trained; set snr_floor (1: truncated SNR) or snr_gamma: null")
+            raise ValueError("snr_floor: with schedule zero-snr the Min-SNR weight of t = 999 is 0, so the step "
+                             "that starts sampling would not be trained; set snr_floor (1: truncated SNR) or "
+                             "snr_gamma: null")
         if self.sampler is not None and self.sampler.flow_shift != 1:
             raise ValueError(f"sampler.flow_shift: applies to flow-matching models; this teacher predicts "
                              f"{self.prediction}")
