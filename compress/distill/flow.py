@@ -5,11 +5,12 @@ Flow: ``x_s = (1 - s) x0 + s eps`` for a sigma ``s`` in [0, 1]; the model predic
 (diffusers' ``FlowMatchEulerDiscreteScheduler`` convention: it is called at timestep ``1000 s`` and steps
 ``x <- x + (s_next - s) v``).
 
-Epsilon teacher on a discrete schedule ``alpha_bar[t]``: ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``. A flow sample at
-``s`` is the teacher's sample at the timestep of equal signal-to-noise ratio, ``a / (1 - a) = ((1 - s) / s)^2``,
-scaled by ``1 / sqrt((1 - s)^2 + s^2)``; the teacher's epsilon then gives ``v = (eps - x_s) / (1 - s)``.
-Sigmas noisier than the teacher's last timestep (``s > s_max``, 0.936 on SDXL's schedule) are outside what it
-was trained on: ``in_range`` says where its prediction may be used.
+Epsilon or v teacher on a discrete schedule ``alpha_bar[t]``: ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``. A flow sample
+at ``s`` is the teacher's sample at the timestep of equal signal-to-noise ratio, ``a / (1 - a) = ((1 - s) / s)^2``,
+scaled by ``1 / sqrt((1 - s)^2 + s^2)``; the teacher's epsilon then gives ``v = (eps - x_s) / (1 - s)``, its v
+(``sqrt(a) eps - sqrt(1 - a) x0``) gives ``eps - x0`` directly, finite up to ``s = 1`` on a zero-terminal-SNR
+schedule. Sigmas noisier than the teacher's last timestep (``s > s_max``, 0.936 on SDXL's schedule, 1 at zero
+terminal SNR) are outside what it was trained on: ``in_range`` says where its prediction may be used.
 """
 from __future__ import annotations
 
@@ -61,27 +62,28 @@ def flow_timestep(sigma: torch.Tensor) -> torch.Tensor:
 
 
 class EpsilonToFlow:
-    """Map flow sigmas to an epsilon teacher's (continuous) timesteps and its epsilon to the flow velocity.
+    """Map flow sigmas to an epsilon or v teacher's (continuous) timesteps and its output to the flow velocity.
 
-    ``alphas_cumprod``: (T,) the teacher's discrete schedule, decreasing in t.
+    ``alphas_cumprod``: (T,) the teacher's discrete schedule, decreasing in t (its last entry may be 0: zero terminal
+    SNR, Lin et al. 2023).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         a = alphas_cumprod.double()
-        self.log_snr = torch.log(a / (1 - a))  # decreasing in t
+        self.log_snr = torch.log(a / (1 - a))  # decreasing in t; -inf at zero terminal SNR
         self.sigma_min = float(self.sigma_of(self.log_snr[0]))
         self.sigma_max = float(self.sigma_of(self.log_snr[-1]))
 
     @classmethod
-    def for_schedule(cls, schedule: str = "sdxl") -> "EpsilonToFlow":
+    def for_schedule(cls, schedule: str = "sdxl", prediction: str = "epsilon") -> "EpsilonToFlow":
         from diffusers import DDPMScheduler
 
         from dreamlite.models.teacher import SCHEDULES
         alphas_cumprod = DDPMScheduler.from_config(SCHEDULES[schedule]).alphas_cumprod
-        if alphas_cumprod[-1] == 0:
-            raise DreamliteError(f"schedule {schedule}: a model trained on it cannot be seen as a flow velocity yet "
-                                 "(distillation, reward tuning, held-out losses): its timestep of equal SNR is "
-                                 "undefined at sigma 1")
+        if alphas_cumprod[-1] == 0 and prediction == "epsilon":
+            raise DreamliteError(f"schedule {schedule}: an epsilon model on it cannot be seen as a flow velocity "
+                                 "(at zero SNR its noise estimate says nothing of the image); train it with "
+                                 "prediction: v")
         return cls(alphas_cumprod)
 
     @staticmethod
@@ -94,12 +96,17 @@ class EpsilonToFlow:
         return sigma <= self.sigma_max + 1e-6
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """(B,) float timesteps of equal SNR, interpolated linearly in log-SNR, clamped to [0, T - 1]."""
-        lam = 2 * torch.log((1 - sigma.double()) / sigma.double())
+        """(B,) float timesteps of equal SNR, interpolated linearly in log-SNR (in sigma on a last segment that
+        ends at zero SNR), clamped to [0, T - 1]."""
+        s = sigma.double()
+        lam = 2 * torch.log((1 - s) / s)
         table = self.log_snr.flip(0)  # increasing
-        idx = torch.searchsorted(table, lam.clamp(table[0], table[-1])).clamp(1, len(table) - 1)
+        lam = lam.clamp(table[0], table[-1])
+        idx = torch.searchsorted(table, lam).clamp(1, len(table) - 1)
         lo, hi = table[idx - 1], table[idx]
-        frac = (lam.clamp(table[0], table[-1]) - lo) / (hi - lo)
+        frac = (lam - lo) / (hi - lo)
+        s_lo, s_hi = self.sigma_of(lo), self.sigma_of(hi)
+        frac = torch.where(torch.isinf(lo), (s.clamp(s_hi, s_lo) - s_lo) / (s_hi - s_lo), frac)
         t_increasing = (idx - 1) + frac  # position in the flipped table
         return ((len(table) - 1) - t_increasing).float()
 
@@ -116,7 +123,13 @@ class EpsilonToFlow:
         return (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
 
     @staticmethod
-    def velocity(eps: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The flow velocity implied by an epsilon prediction at the flow sample ``x`` (not the rescaled one)."""
+    def velocity(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                 prediction: str = "epsilon") -> torch.Tensor:
+        """The flow velocity ``eps - x0`` that the teacher's ``output`` (its epsilon or v, at ``teacher_input(x)``)
+        stands for, at the flow sample ``x`` (not the rescaled one). With ``r = sqrt((1 - s)^2 + s^2)``, v gives
+        ``eps - x0 = v / r + (2 s - 1) x / r^2``: finite at ``s = 1``, where epsilon's ``(eps - x) / (1 - s)`` is not."""
         s = _b(sigma, x)
-        return (eps - x) / (1 - s)
+        if prediction == "epsilon":
+            return (output - x) / (1 - s)
+        r2 = (1 - s) ** 2 + s ** 2
+        return output / r2.sqrt() + (2 * s - 1) * x / r2

@@ -19,7 +19,7 @@ from dreamlite.data import DataSource, images_to_tensor
 from dreamlite.io import DreamliteError, identity_track
 from dreamlite.models.conditioning import unet_inputs
 from dreamlite.models.sampler import SamplerSettings, guidance_branches, guide
-from dreamlite.models.teacher import epsilon_of, step_generator
+from dreamlite.models.teacher import step_generator
 from dreamlite.models.text import TextStates
 from dreamlite.train import fit
 
@@ -81,7 +81,7 @@ def flow_call(unet, x: torch.Tensor, sigma: torch.Tensor, text: TextStates, imag
                **unet_inputs(unet.config, text, image_size, image_size)).sample[..., : x.shape[-1]].float()
     if convert is None:
         return out
-    return convert.velocity(epsilon_of(out, xin, convert.alpha_bar(sigma, x), prediction), x, sigma)
+    return convert.velocity(out, x, sigma, prediction)
 
 
 def guided_flow(unet, x: torch.Tensor, sigma: torch.Tensor, empty: TextStates, cond: TextStates,
@@ -115,7 +115,7 @@ class FlowView:
     def __init__(self, unet, prediction: str = "flow", schedule: str = "sdxl", in_context: bool = False,
                  image_size: int = 64):
         self.unet, self.prediction, self.in_context, self.size = unet, prediction, in_context, image_size
-        self.convert = EpsilonToFlow.for_schedule(schedule) if prediction != "flow" else None
+        self.convert = EpsilonToFlow.for_schedule(schedule, prediction) if prediction != "flow" else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: TextStates):
         cond = torch.zeros_like(x) if self.in_context else None
@@ -233,7 +233,7 @@ def check_pair(student_bundle, teacher_bundle, edits: bool) -> None:
     tb = teacher_bundle
     if tb.prediction != "flow":
         try:
-            EpsilonToFlow.for_schedule(tb.schedule)  # before training: a schedule the conversion cannot take
+            EpsilonToFlow.for_schedule(tb.schedule, tb.prediction)  # before training: what cannot be converted
         except DreamliteError as e:
             raise DreamliteError(f"teacher: {tb.name}: {e}") from None
     t_wants = tb.unet.config.get("encoder_hid_dim") or tb.unet.config["cross_attention_dim"]

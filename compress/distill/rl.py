@@ -144,7 +144,7 @@ def trajectory(model, s: SamplerSettings) -> Trajectory:
     sigmas of equal SNR."""
     if model.prediction == "flow":
         return Trajectory(flow_sigmas(s.steps, s.flow_shift))
-    convert = EpsilonToFlow.for_schedule(model.schedule)
+    convert = EpsilonToFlow.for_schedule(model.schedule, model.prediction)
     timesteps = make_scheduler(model.prediction, s.steps, "ddim", schedule=model.schedule).timesteps
     sigmas = torch.cat([convert.sigma_of(convert.log_snr[timesteps]).float(), torch.zeros(1)])
     s0 = float(sigmas[0])
@@ -240,7 +240,7 @@ def check_rl(model, s: RLSettings, source) -> SamplerSettings:
                              "in-context width); set edit_fraction: 0")
     check_pair(model, None, edit_groups > 0)
     if model.prediction != "flow":  # the rollout sees a server on the flow path
-        EpsilonToFlow.for_schedule(model.schedule)
+        EpsilonToFlow.for_schedule(model.schedule, model.prediction)
     if edit_groups and "edit" not in source.tasks:
         raise DreamliteError("edit_fraction: the reward source has no edits; set edit_fraction: 0")
     return t

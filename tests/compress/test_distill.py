@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreamlite.compress.distill import EpsilonToFlow, Phase, flow_noise, flow_velocity, recover, recover_batch, sample_sigmas
+from dreamlite.compress.distill import EpsilonToFlow, FlowView, Phase, flow_noise, flow_velocity, recover, recover_batch, sample_sigmas
 from dreamlite.compress.distill.config import LossWeights
 from dreamlite.compress.distill.features import FeatureProjector, Taps, matching_blocks
 from dreamlite.compress.distill.recover import BatchSpec, RecoverTask
@@ -28,16 +28,16 @@ def test_flow_velocity_integrates_noise_to_data():
     assert torch.allclose(stepped, flow_noise(x0, eps, s_next), atol=1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["sdxl", "linear"])
+@pytest.mark.parametrize("schedule", ["sdxl", "linear", "zero-snr"])
 def test_flow_sigma_maps_to_the_teacher_timestep_of_equal_snr(schedule):
     ddpm = DDPMScheduler.from_config(SCHEDULES[schedule])
-    conv = EpsilonToFlow.for_schedule(schedule)
-    t = torch.tensor([0, 10, 250, 500, 998])
+    conv = EpsilonToFlow.for_schedule(schedule, "v")
+    t = torch.tensor([0, 10, 250, 500, 998, 999])
     a = ddpm.alphas_cumprod[t].double()
     sigma = (torch.sqrt(1 - a) / (torch.sqrt(a) + torch.sqrt(1 - a))).float()  # (1 - s) / s = sqrt(a / (1 - a))
     assert torch.allclose(conv.timestep(sigma), t.float(), atol=1e-2)
     # the rescaled flow sample is exactly the teacher's noised sample at that timestep
-    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    x0, eps = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
     assert torch.allclose(conv.teacher_input(flow_noise(x0, eps, sigma), sigma), ddpm.add_noise(x0, eps, t), atol=1e-5)
     assert conv.in_range(sigma).all() and not conv.in_range(torch.tensor([conv.sigma_max + 1e-3])).any()
 
@@ -399,19 +399,49 @@ def test_held_out_losses_read_only_the_tasks_the_data_has(tmp_path):
     assert set(out) == {"t2i"}
 
 
-def test_a_zero_snr_teacher_is_refused_before_training(tiny_server, tiny_mobile):
-    """The recover stage converts the teacher to a flow velocity at equal SNR, which the zero-snr schedule's pure-noise
-    end does not have: one line before anything trains, not NaN losses."""
+def test_zero_terminal_snr_maps_sigma_one_to_the_last_timestep_and_a_v_teacher_stays_finite():
+    """On the zero-snr schedule t = 999 is pure noise: sigma 1 maps to it, the segment before it (log-SNR -inf at
+    one end) is interpolated in sigma, and a perfect v teacher gives the true velocity up to sigma 1, where an epsilon
+    model's (eps - x) / (1 - s) would divide by zero (so an epsilon model on it is refused)."""
+    conv = EpsilonToFlow.for_schedule("zero-snr", "v")
+    assert conv.sigma_max == 1.0
+    sigma = torch.tensor([0.5, 0.99, 0.999, 0.9999, 1.0])
+    t = conv.timestep(sigma)
+    assert torch.isfinite(t).all() and (t.diff() > 0).all() and t[-1] == 999.0 and conv.in_range(sigma).all()
+    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    x = flow_noise(x0, eps, sigma)
+    a = conv.alpha_bar(sigma, x)
+    v = conv.velocity(a.sqrt() * eps - (1 - a).sqrt() * x0, x, sigma, "v")
+    assert torch.allclose(v, flow_velocity(x0, eps), atol=1e-5)
+    with pytest.raises(DreamliteError, match="schedule zero-snr: an epsilon model on it cannot be seen as a flow"):
+        EpsilonToFlow.for_schedule("zero-snr", "epsilon")
+
+
+def test_a_zero_snr_v_teacher_distils_with_finite_losses_at_pure_noise(tiny_server, tiny_mobile):
+    """The recover stage takes a v teacher on the zero-snr schedule: the pair passes its checks and a batch whose
+    sigmas reach pure noise gives finite output-distillation losses there (the teacher is in range at every sigma)."""
     from dreamlite.compress.distill.recover import check_pair
     tiny_server.prediction, tiny_server.meta["schedule"] = "v", "zero-snr"
-    with pytest.raises(DreamliteError, match="teacher: .*schedule zero-snr: a model trained on it cannot be seen as a flow velocity"):
-        check_pair(tiny_mobile, tiny_server, edits=True)
+    check_pair(tiny_mobile, tiny_server, edits=True)
+    view = FlowView(tiny_server.unet, "v", "zero-snr", image_size=64)
+    x, sigma = torch.randn(2, 48, 16, 16), torch.tensor([0.5, 1.0])
+    text = tiny_server.text.encode(["a red circle", "a blue star"])
+    v, valid = view(x, sigma, text)
+    assert torch.isfinite(v).all() and valid.tolist() == [1.0, 1.0]
 
 
-def test_reward_tuning_a_zero_snr_server_is_refused_in_one_line(tiny_server):
-    from dreamlite.compress.distill.rl import RLSettings, check_rl
+def test_a_zero_snr_v_server_is_reward_tuned_from_pure_noise(tiny_server):
+    """Reward tuning sees a server on the flow path along its DDIM trajectory: on the zero-snr schedule that starts
+    at sigma 1 (t = 999, noise scale 1) and every step's estimates stay finite."""
+    from dreamlite.compress.distill.rl import RLSettings, check_rl, estimates, trajectory
     from dreamlite.evaluation.rewards import ShapesRewards
     tiny_server.prediction, tiny_server.meta["schedule"] = "v", "zero-snr"
     settings = RLSettings(steps=4, sde_steps=1, group=2, edit_fraction=0, train={"steps": 1, "batch": 4})
-    with pytest.raises(DreamliteError, match="schedule zero-snr: a model trained on it cannot be seen as a flow"):
-        check_rl(tiny_server, settings, ShapesRewards(64))
+    path = trajectory(tiny_server, check_rl(tiny_server, settings, ShapesRewards(64)))
+    assert float(path.sigmas[0]) == 1.0 and path.noise_scale == 1.0
+    view = FlowView(tiny_server.unet, "v", "zero-snr", image_size=64)
+    x, sigma = torch.randn(1, 48, 16, 16), path.sigmas[:1]
+    x0, eps = estimates(view(x, sigma, tiny_server.text.encode(["a red circle"]))[0], x, sigma, path.clip)
+    assert torch.isfinite(x0).all() and torch.allclose(eps, x, atol=1e-5)  # at pure noise the noise is the sample
+
+
