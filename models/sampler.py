@@ -138,10 +138,10 @@ def make_scheduler(prediction: str, steps: int, kind: Scheduler = "ddim", clip: 
                    flow_shift: float = 1.0):
     """A diffusers scheduler with ``steps`` timesteps set: flow-matching Euler with sigmas linspace(1, 1/N, N)
     (the DreamLite mobile pipeline), shifted by ``flow_shift`` as diffusers shifts them (1: unchanged), for flow
-    models; ``kind`` (DDIM, Euler, DDPM, DPM-Solver++ 2M SDE) on the model's training schedule (``sdxl`` or
-    ``linear``; trailing spacing, so the first step starts from pure noise) for epsilon and v models. ``clip``: the
-    clean-latent estimate is clipped to [-1, 1], as pixel-space DDPM does (right only for codecs whose latents are
-    bounded, like pixel-unshuffle; Euler has no clipping)."""
+    models; ``kind`` (DDIM, Euler, DDPM, DPM-Solver++ 2M SDE) on the model's training schedule (``sdxl``,
+    ``linear`` or ``zero-snr``; trailing spacing, so the first step starts from pure noise) for epsilon and v models.
+    ``clip``: the clean-latent estimate is clipped to [-1, 1], as pixel-space DDPM does (right only for codecs whose
+    latents are bounded, like pixel-unshuffle; Euler has no clipping)."""
     if prediction == "flow":
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
