@@ -1,14 +1,14 @@
 """The scratch continuations of session 27 (docs/models.md, "The layout comes from the noise"), so that they can be
-run again. Each step reads a model folder and writes one; the last, `recipes/shapes-teacher-zsnr.yaml` with
-`--init`, makes the model the README's table measures:
+run again. Each step reads a model folder and writes one; `recipes/shapes-teacher-zsnr.yaml` continues the last one
+into the teacher shipped since session 28. The first step starts from the epsilon teacher shipped before it:
 
-    python benchmarks/teacher_zsnr_steps.py bind --model zoo:shapes-server --out runs/zs1          # 1.5 min
+    git worktree add /tmp/eps f60de24    # its models/zoo/shapes-server
+    python benchmarks/teacher_zsnr_steps.py bind --model /tmp/eps/models/zoo/shapes-server --out runs/zs1   # 1.5 min
     python benchmarks/teacher_zsnr_steps.py high-noise --model runs/zs1 --schedule sdxl --out runs/zs3 \
         --seed 77 --ema 0.995 --warmup 50 --decay cosine --snr-gamma 5 --noise-offset 0.1              # 23 min
     python benchmarks/teacher_zsnr_steps.py high-noise --model runs/zs3 --schedule zero-snr --steps 1200 \
         --out runs/zs4                                                                                  # 16 min
-    dreamlite train-teacher --config recipes/shapes-teacher-zsnr.yaml --init runs/zs4 \\
-        --set train.steps=2000 --set train.warmup=50 --out runs/zsnr                                  # 29 min
+    dreamlite run recipes/shapes-teacher-zsnr.yaml --out runs/zsnr                               # 29 + 77 min
 
 `bind` teaches the text encoder the binding objective (BindingHead) with its states anchored to the original's, the
 U-Net untouched. `high-noise` trains the U-Net as v-prediction at t >= 700 on colour-tagged position captions, the

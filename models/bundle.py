@@ -6,6 +6,8 @@ Folder layout (the U-Net at the root, so ``UNet2DConditionModel.from_pretrained(
     config.json, diffusion_pytorch_model.safetensors   the U-Net (diffusers)
     text_encoder/                                      the text encoder (shapes encoder or transformers)
     vae/                                               a diffusers VAE, when the codec is not pixel-unshuffle
+    scheduler/scheduler_config.json                    an epsilon or v model's training schedule, as diffusers'
+                                                       ``DDPMScheduler.from_pretrained(folder, subfolder="scheduler")``
     dreamlite.json                                     preset, prediction, in-context, image size, codec, provenance
 
 A diffusers pipeline folder (``model_index.json`` with ``unet/``) and ``PRESET:weights.safetensors`` also load.
@@ -64,6 +66,11 @@ class Bundle:
         self.unet.save_pretrained(folder, safe_serialization=True)
         if isinstance(self.text, ShapesTextEncoder):
             self.text.save_pretrained(folder / "text_encoder")
+        if self.prediction != "flow":
+            from diffusers import DDPMScheduler
+            kind = {"epsilon": "epsilon", "v": "v_prediction"}[self.prediction]
+            DDPMScheduler.from_config({**SCHEDULES[self.schedule], "prediction_type": kind}).save_config(
+                folder / "scheduler")
         codec = {"kind": "pixel-unshuffle", "factor": self.codec.factor} if isinstance(
             self.codec, PixelUnshuffleCodec) else {"kind": "vae", "folder": "vae"}
         write_json(folder / META, {**self.meta, **provenance, "prediction": self.prediction,

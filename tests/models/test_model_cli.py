@@ -32,6 +32,22 @@ def test_saved_folders_load_in_diffusers_own_classes(tiny_folders):
     assert DreamLiteUNetModel.from_pretrained(tiny_folders["shapes-mobile"]).config.use_sep_conv
 
 
+def test_a_v_model_on_zero_snr_saves_its_schedule_for_diffusers(tmp_path):
+    """Beside the U-Net, an epsilon or v model's folder holds its training schedule as a diffusers scheduler, so a
+    diffusers user knows what the U-Net predicts and on which noise levels (here: v, zero terminal SNR)."""
+    from diffusers import DDPMScheduler, DreamLiteUNetModel
+
+    from conftest import tiny_bundle
+    server = tiny_bundle("shapes-server")
+    server.prediction, server.meta["schedule"] = "v", "zero-snr"
+    server.save_pretrained(tmp_path / "server")
+    s = DDPMScheduler.from_pretrained(tmp_path / "server", subfolder="scheduler")
+    assert s.config.prediction_type == "v_prediction" and float(s.alphas_cumprod[-1]) == 0.0
+    tiny_bundle("shapes-mobile").save_pretrained(tmp_path / "mobile")  # a flow model: its sampler is in dreamlite.json
+    assert not (tmp_path / "mobile" / "scheduler").exists()
+    assert DreamLiteUNetModel.from_pretrained(tmp_path / "mobile").config.use_sep_conv
+
+
 def test_folder_records_the_training_schedule_the_sampler_uses(tiny_folders, tmp_path):
     import shutil
 
