@@ -127,7 +127,7 @@ class EpsilonToFlow:
                  prediction: str = "epsilon") -> torch.Tensor:
         """The flow velocity ``eps - x0`` that the teacher's ``output`` (its epsilon or v, at ``teacher_input(x)``)
         stands for, at the flow sample ``x`` (not the rescaled one). With ``r = sqrt((1 - s)^2 + s^2)``, v gives
-        ``eps - x0 = v / r + (2 s - 1) x / r^2``: finite at ``s = 1``, where epsilon's ``(eps - x) / (1 - s)`` is not."""
+        ``eps - x0 = v / r + (2 s - 1) x / r^2``, finite at ``s = 1``; epsilon's ``(eps - x) / (1 - s)`` is not."""
         s = _b(sigma, x)
         if prediction == "epsilon":
             return (output - x) / (1 - s)
