@@ -150,6 +150,20 @@ def test_teacher_training_then_bench_then_judge(tmp_path):
     assert (tmp_path / "run/02-bench/geneval/grid.png").is_file()
 
 
+def test_continuing_a_teacher_on_another_target_or_schedule_warns(tmp_path):
+    """A recipe written for the epsilon teacher, run on the v / zero-snr one shipped since (or a deliberate switch):
+    one warning that names both, and the run goes on."""
+    from dreamlite.io import DreamliteWarning
+    from dreamlite.models.bundle import from_preset
+    from_preset("shapes-server", seed=5).save_pretrained(tmp_path / "src")  # epsilon on sdxl
+    data = {"name": "switch", "stages": [{"kind": "train-teacher", "save_dtype": "fp32", "init": str(tmp_path / "src"),
+                                          "prediction": "v", "schedule": "zero-snr", "snr_floor": 1.0,
+                                          "train": {"steps": 1, "batch": 2, "warmup": 1}}]}
+    with pytest.warns(DreamliteWarning, match="predicts epsilon on schedule sdxl; this stage trains v on zero-snr"):
+        run_recipe(write(tmp_path, data), tmp_path / "run", log=lambda m: None)
+    assert (tmp_path / "run/01-train-teacher/model/scheduler/scheduler_config.json").is_file()
+
+
 def test_teacher_training_continues_from_a_model(tmp_path):
     """init: a later run continues from a saved teacher (weights, not the optimizer) and counts all its steps;
     input: a later stage continues from an earlier one's."""

@@ -1,13 +1,14 @@
 """Stage kinds that make or measure models: ``train-teacher`` and ``bench``."""
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dreamlite.evaluation.shapes.world import GEN_TAGS
-from dreamlite.io import DreamliteError, write_json
+from dreamlite.io import DreamliteError, DreamliteWarning, write_json
 from dreamlite.models.sampler import Scheduler
 from dreamlite.models.teacher import Schedule
 from dreamlite.recipe import StageConfig, StageContext, stage
@@ -89,10 +90,15 @@ class TrainTeacherStage(StageConfig):
 
 def _init_from(bundle, spec: str) -> dict:
     """Copy the U-Net and text encoder weights of the model ``spec`` into ``bundle`` (same architecture); returns
-    the source's dreamlite.json."""
+    the source's dreamlite.json. Warns when the source was trained for another target or schedule (a deliberate
+    switch, as zoo:shapes-server's epsilon -> v, zero-snr continuation, or a recipe written for an older model)."""
     from dreamlite.models.bundle import load_bundle
 
     src = load_bundle(spec)
+    if (src.prediction, src.schedule) != (bundle.prediction, bundle.schedule):
+        warnings.warn(f"init: {spec} predicts {src.prediction} on schedule {src.schedule}; this stage trains "
+                      f"{bundle.prediction} on {bundle.schedule}, so it starts from weights made for another target",
+                      DreamliteWarning, stacklevel=2)
     for name, a, b in (("U-Net", bundle.unet, src.unet), ("text encoder", bundle.text, src.text)):
         mine, theirs = a.state_dict(), b.state_dict() if b is not None else {}
         if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
