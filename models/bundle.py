@@ -24,7 +24,7 @@ from dreamlite.io import DreamliteError, inside, read_json, write_json
 
 from .codec import Codec, PixelUnshuffleCodec, VAECodec
 from .presets import PRESETS, Prediction, build, get_preset, unet_class
-from .teacher import SCHEDULES
+from .teacher import SCHEDULES, schedule_config
 from .text import ShapesTextEncoder, TextEncoder, load_text_encoder
 
 META = "dreamlite.json"
@@ -68,9 +68,7 @@ class Bundle:
             self.text.save_pretrained(folder / "text_encoder")
         if self.prediction != "flow":
             from diffusers import DDPMScheduler
-            kind = {"epsilon": "epsilon", "v": "v_prediction"}[self.prediction]
-            DDPMScheduler.from_config({**SCHEDULES[self.schedule], "prediction_type": kind}).save_config(
-                folder / "scheduler")
+            DDPMScheduler.from_config(schedule_config(self.schedule, self.prediction)).save_config(folder / "scheduler")
         codec = {"kind": "pixel-unshuffle", "factor": self.codec.factor} if isinstance(
             self.codec, PixelUnshuffleCodec) else {"kind": "vae", "folder": "vae"}
         write_json(folder / META, {**self.meta, **provenance, "prediction": self.prediction,

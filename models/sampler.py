@@ -26,7 +26,7 @@ from dreamlite.precision import warn_if_bf16_slow
 from .bundle import Bundle
 from .codec import to_uint8
 from .conditioning import unet_inputs
-from .teacher import SCHEDULES
+from .teacher import schedule_config
 from .text import TextStates
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, TextStates], torch.Tensor]
@@ -146,10 +146,8 @@ def make_scheduler(prediction: str, steps: int, kind: Scheduler = "ddim", clip: 
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
         return s
-    extra = _scheduler_options(kind, clip)
-    if prediction == "v":
-        extra["prediction_type"] = "v_prediction"
-    s = SCHEDULER_CLASSES[kind].from_config({**SCHEDULES[schedule], "timestep_spacing": "trailing", **extra})
+    s = SCHEDULER_CLASSES[kind].from_config({**schedule_config(schedule, prediction), "timestep_spacing": "trailing",
+                                             **_scheduler_options(kind, clip)})
     s.set_timesteps(steps)
     return s
 

@@ -41,6 +41,11 @@ SCHEDULES = {"sdxl": SDXL_SCHEDULE, "linear": LINEAR_SCHEDULE, "zero-snr": ZERO_
 Schedule = Literal["sdxl", "linear", "zero-snr"]
 
 
+def schedule_config(schedule: str, prediction: str) -> dict:
+    """The diffusers scheduler config of an epsilon or v model's training schedule (``prediction_type`` set)."""
+    return {**SCHEDULES[schedule], "prediction_type": {"epsilon": "epsilon", "v": "v_prediction"}[prediction]}
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
     """The numpy and torch generators of one training step: a pure function of (seed, step, stream)."""
     rng = np.random.default_rng([seed, step, stream])
